@@ -1,0 +1,1 @@
+"""On-disk formats: PEFT adapters (peft.py)."""
