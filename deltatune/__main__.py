@@ -1,0 +1,3 @@
+from deltatune.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""Training configuration: one flat set of keys, from YAML and `--key value` overrides.
+
+Core keys live in `TrainConfig`; each method adds its own flat keys through its `DeltaConfig`
+class (e.g. `lora_r`), so a new method needs no change here. Everything is validated before any
+file is written: an unknown key or a bad value gets one message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deltatune.deltas import METHODS, DeltaConfig, get_method
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) at fault."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train
+    model: str = "default"
+    method: str = "lora"
+    task: str | None = None  # a built-in task (deltatune.tasks); used when `data` is not given
+    data: str | None = None  # jsonl / json / csv / parquet file
+    eval_data: str | None = None
+    train_samples: int = Field(3000, ge=1)
+    eval_samples: int = Field(100, ge=0)
+    train_on_prompt: bool = False
+    output: str | None = None  # default: runs/<timestamp>-<method>
+    # optimisation
+    learning_rate: float = Field(2e-3, gt=0)
+    lora_plus_ratio: float = Field(1.0, gt=0)  # LoRA+: B (and other "up" matrices) train at lr * ratio
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    max_steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1)  # packed rows per micro-batch, per process
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=8)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    # execution
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = Field(1024, ge=16)
+    seed: int = 0
+    # bookkeeping
+    log_every: int = Field(5, ge=1)
+    eval_every: int = Field(0, ge=0)  # eval loss every N steps; 0 = only at the end
+    save_every: int = Field(50, ge=0)  # checkpoint every N steps; 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: bool = False
+    eval_max_new_tokens: int = Field(24, ge=1)
+    # method-specific keys, validated against the method's own config class
+    method_args: dict[str, Any] = Field(default_factory=dict, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> TrainConfig:
+        get_method(self.method)
+        if self.data is None and self.task is None:
+            self.task = "reversal"
+        return self
+
+    def delta_config(self) -> DeltaConfig:
+        return get_method(self.method).config_class(**self.method_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.model_dump(), **self.delta_config().model_dump()}
+
+
+def _method_keys() -> set[str]:
+    return {k for m in METHODS.values() for k in m.config_class.model_fields}
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "config"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}config key '{key}': {first['msg']}{shown}"
+
+
+def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
+    """Validate a flat dict of keys into a TrainConfig; raise ConfigError naming the bad key."""
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    method_name = values.get("method", "lora")
+    if method_name not in METHODS:
+        raise ConfigError(
+            f"{source}config key 'method': unknown method {method_name!r}; valid: {', '.join(METHODS)}"
+        )
+    method_fields = get_method(method_name).config_class.model_fields
+    core = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+    method_args = {k: v for k, v in values.items() if k in method_fields}
+    for key in values:
+        if key in core or key in method_args:
+            continue
+        if key in _method_keys():
+            raise ConfigError(f"{source}config key '{key}' does not apply to method '{method_name}'")
+        allowed = sorted((set(TrainConfig.model_fields) - {"method_args"}) | set(method_fields))
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}unknown config key '{key}'{hint}; valid keys: {', '.join(allowed)}")
+    try:
+        cfg = TrainConfig(**core, method_args=method_args)
+        cfg.delta_config()
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None
+    except ValueError as err:
+        raise ConfigError(f"{source}{err}") from None
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--key value` / `--key=value` pairs; values are parsed as YAML scalars (1e-3, true, [a, b])."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"config key '{key.replace('-', '_')}': missing value after {arg}")
+            value = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = _yaml_scalar(value)
+        i += 1
+    return out
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        path = Path(path)
+        source = f"{path}: "
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+        values.update(loaded or {})
+    values.update(overrides or {})
+    return build_config(values, source)

@@ -1,0 +1,387 @@
+"""The training loop, top to bottom. No trainer framework: read `run` and you have read it all.
+
+    load base ─► eval "before" ─► attach delta ─► pack data ─► for step: micro-batches ─► AdamW ─► log / ckpt
+                                                                                                       │
+                              summary.json, metrics.jsonl, loss.png, adapter/ ◄─ eval "after" ◄────────┘
+
+Choices that matter for speed and memory (see README for measurements):
+- frozen base weights are held in bf16 when the CPU/GPU supports it; trainable weights stay fp32 and
+  the forward runs under bf16 autocast, so nothing is re-cast per step but the small delta;
+- the loss is computed only at target positions, in chunks of `loss_chunk_tokens` whose logits are
+  recomputed in the backward (checkpointed), so fp32 logits for the whole batch never exist;
+- samples are packed into full rows; restarted position_ids give a block-diagonal causal mask.
+
+Gradient accumulation normalises by the real number of target tokens in the whole optimizer step
+(summed over micro-batches and DDP ranks), so the result does not depend on how the step is split.
+That is also what makes DDP training equal single-process training at the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from deltatune import checkpoints
+from deltatune.config import TrainConfig, build_config
+from deltatune.deltas import add_delta, named_delta_parameters
+from deltatune.formats.peft import save_delta, write_json
+from deltatune.models import load_model, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+
+
+# --- the loss ---------------------------------------------------------------------------------------
+
+
+def _chunk_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class CausalLMLoss(nn.Module):
+    """Summed next-token cross-entropy over target tokens, never holding all logits at once.
+
+    Input deltas must therefore act inside the backbone (`model.base_model`), not in the LM head call.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        hidden = hidden.last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != -100
+        hidden, targets = hidden[keep], targets[keep]
+        head = self.model.get_output_embeddings()
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, targets.numel(), self.chunk_tokens):
+            part = slice(i, i + self.chunk_tokens)
+            total = total + checkpoint(_chunk_loss, hidden[part], head, targets[part], use_reentrant=False)
+        return total
+
+
+# --- setup helpers ----------------------------------------------------------------------------------
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts a process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" and world > 1 else device_name)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def all_sum(value: float | int, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """LoRA+: the "up" factor B learns `lora_plus_ratio` times faster than A."""
+    params = [(n, p) for n, p in named_delta_parameters(model).items() if p.requires_grad]
+    fast = [p for n, p in params if ".lora_B." in n]
+    slow = [p for n, p in params if ".lora_B." not in n]
+    groups = [{"params": slow, "lr": cfg.learning_rate}]
+    if fast:
+        groups.append({"params": fast, "lr": cfg.learning_rate * cfg.lora_plus_ratio})
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return groups
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine / linear decay to 10% / 0, or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rows_for_step(step: int, n_rows: int, rows_per_step: int, seed: int) -> torch.Tensor:
+    """Global row indices of an optimizer step: a fresh seeded permutation every epoch."""
+    start = step * rows_per_step
+    out = []
+    while len(out) < rows_per_step:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset : offset + rows_per_step - len(out)].tolist())
+    return torch.tensor(out)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build_data(cfg: TrainConfig, tokenizer):
+    """Packed train rows, packed eval rows (for eval loss) and exact-match eval items."""
+    from deltatune.data import load_samples, pack, task_samples
+    from deltatune.evaluate import eval_items_from_file, eval_items_from_task
+
+    if cfg.data:
+        train = load_samples(cfg.data, tokenizer, cfg.train_on_prompt)
+    else:
+        train = task_samples(cfg.task, "train", cfg.train_samples, tokenizer, seed=cfg.seed)
+    eval_samples, items = [], {}
+    if cfg.eval_data:
+        eval_samples = load_samples(cfg.eval_data, tokenizer, cfg.train_on_prompt)
+        items[Path(cfg.eval_data).name] = eval_items_from_file(cfg.eval_data)[: cfg.eval_samples or None]
+    elif cfg.task and cfg.eval_samples:
+        eval_samples = task_samples(cfg.task, "test", cfg.eval_samples, tokenizer, seed=cfg.seed)
+        items[cfg.task] = eval_items_from_task(cfg.task, cfg.eval_samples, seed=cfg.seed)
+    pad = tokenizer.pad_token_id
+    eval_rows = pack(eval_samples, cfg.max_seq_len, pad) if eval_samples else None
+    return pack(train, cfg.max_seq_len, pad), eval_rows, items
+
+
+def exact_match(model, tokenizer, items: dict, cfg: TrainConfig, autocast: dict) -> dict[str, float]:
+    from deltatune.evaluate import exact_match_score
+
+    model.eval()
+    with torch.no_grad(), torch.autocast(**autocast):
+        return {
+            name: exact_match_score(model, tokenizer, its, cfg.eval_max_new_tokens)["exact_match"]
+            for name, its in items.items()
+        }
+
+
+@torch.no_grad()
+def eval_loss(loss_fn: CausalLMLoss, rows, batch_size: int, device: torch.device, autocast: dict) -> float:
+    loss_fn.model.eval()
+    total, count = 0.0, 0
+    for i in range(0, rows.input_ids.shape[0], batch_size):
+        batch = [t[i : i + batch_size].to(device) for t in (rows.input_ids, rows.position_ids, rows.labels)]
+        with torch.autocast(**autocast):
+            total += loss_fn(*batch).item()
+        count += int((batch[2][:, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def plot_metrics(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    train = [r for r in rows if "loss" in r]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    cfg = config if isinstance(config, TrainConfig) else build_config(dict(config))
+    rank, world, device = init_distributed(cfg.device)
+    is_main = rank == 0
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
+    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": use_bf16}
+    out = Path(cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}")
+    if is_main:
+        checkpoints.prepare_output(out, cfg.resume)
+        write_json(out / "config.json", cfg.to_dict())
+
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
+    train_rows, eval_rows, items = build_data(cfg, tokenizer)
+    if is_main:
+        stats = train_rows.stats
+        print(
+            f"data: {stats.samples} samples -> {stats.rows} rows of {cfg.max_seq_len} tokens, "
+            f"{stats.efficiency:.1%} filled, {stats.truncated_samples} truncated"
+        )
+
+    resume_from = checkpoints.latest(out) if cfg.resume else None
+    before = (
+        exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
+    )
+
+    add_delta(model, cfg.method, cfg.delta_config())
+    for p in named_delta_parameters(model).values():
+        p.data = p.data.float()  # trainable weights stay fp32 even on a bf16 base
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    loss_fn = CausalLMLoss(model, cfg.loss_chunk_tokens)
+    trainable = sum(p.numel() for p in named_delta_parameters(model).values() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    start_step, tokens_seen, train_seconds = 0, 0, 0.0
+    if resume_from is not None:
+        state = checkpoints.load(resume_from, model, optimizer, rank)
+        start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        before = state["eval_before"]
+        if is_main:
+            print(f"resumed from {resume_from}")
+    train_module = loss_fn
+    if world > 1:
+        train_module = nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device] if device.type == "cuda" else None
+        )
+
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    metrics_file = out / "metrics.jsonl"
+    if is_main:
+        checkpoints.truncate_metrics(metrics_file, start_step)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
+    step, last_loss = start_step, float("nan")
+    run_start = time.perf_counter()
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+        idx = rows_for_step(step, train_rows.input_ids.shape[0], rows_per_step, cfg.seed)
+        mine = idx[rank * cfg.batch_size * cfg.grad_accum : (rank + 1) * cfg.batch_size * cfg.grad_accum]
+        # every rank knows the step's global rows, so the token counts need no communication
+        step_targets = int((train_rows.labels[idx][:, 1:] != -100).sum())
+        step_tokens = int((train_rows.input_ids[idx] != tokenizer.pad_token_id).sum())
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            sel = mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            batch = [
+                t[sel].to(device) for t in (train_rows.input_ids, train_rows.position_ids, train_rows.labels)
+            ]
+            sync_now = micro == cfg.grad_accum - 1 or world == 1
+            ctx = train_module.no_sync() if not sync_now else torch.enable_grad()
+            with ctx, torch.autocast(**autocast):
+                loss = train_module(*batch)
+                # DDP averages gradients over ranks; scale so the sum over all target tokens is / step_targets
+                (loss * world / step_targets).backward()
+            loss_sum += loss.item()
+        last_loss = all_sum(loss_sum, device) / step_targets
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm or float("inf")
+        ).item()
+        if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss became {last_loss} (grad norm {grad_norm}) at step {step + 1}; stopping. "
+                f"The last good checkpoint in {out / 'checkpoints'} is kept; lower --learning-rate and --resume."
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+        train_seconds += time.perf_counter() - t0
+        tps = tokens_seen / max(train_seconds, 1e-9)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tps:,.0f}")
+        bar.update(1)
+        record: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record = {
+                "step": step,
+                "loss": last_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens": tokens_seen,
+                "tokens_per_second": tps,
+            }
+        if eval_rows is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            record.update(
+                step=step, eval_loss=eval_loss(loss_fn, eval_rows, cfg.batch_size, device, autocast)
+            )
+        if is_main and record:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "train_seconds": train_seconds,
+                "eval_before": before,
+            }
+            checkpoints.save(out, model, optimizer, state, cfg.keep_checkpoints, rank, world)
+    bar.close()
+
+    summary: dict[str, Any] = {}
+    if is_main:
+        save_delta(model, out / "adapter", base_model=cfg.model)
+        final_eval_loss = (
+            eval_loss(loss_fn, eval_rows, cfg.batch_size, device, autocast) if eval_rows else None
+        )
+        after = exact_match(model, tokenizer, items, cfg, autocast) if items else {}
+        if final_eval_loss is not None:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, "eval_loss": final_eval_loss}) + "\n")
+        plot_metrics(metrics_file, out / "loss.png")
+        summary = {
+            "method": cfg.method,
+            "model": cfg.model,
+            "trainable_params": trainable,
+            "total_params": total_params,
+            "trainable_percent": 100.0 * trainable / total_params,
+            "steps": step,
+            "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
+            "train_tokens": tokens_seen,
+            "train_seconds": train_seconds,
+            "wall_seconds": time.perf_counter() - run_start,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "final_loss": last_loss,
+            "eval_loss": final_eval_loss,
+            "eval": {name: {"before": before.get(name), "after": after[name]} for name in after},
+            "precision": "bf16" if use_bf16 else "fp32",
+            "world_size": world,
+            "packing": vars(train_rows.stats) | {"efficiency": train_rows.stats.efficiency},
+            "output": str(out),
+        }
+        write_json(out / "summary.json", summary)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
