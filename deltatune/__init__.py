@@ -53,6 +53,6 @@ def merge_delta(model: nn.Module) -> nn.Module:
 
 def train(config: Any) -> dict:
     """Run the training loop for a TrainConfig (or a dict of config keys); returns the summary."""
-    from deltatune.train import run
+    from deltatune.training import run
 
     return run(config)

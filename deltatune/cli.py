@@ -35,7 +35,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from deltatune.data import DataError
     from deltatune.formats.peft import AdapterError
     from deltatune.models import ModelNotFoundError
-    from deltatune.train import TrainingDiverged
+    from deltatune.training import TrainingDiverged
 
     return ConfigError, DataError, AdapterError, ModelNotFoundError, TrainingDiverged, FileNotFoundError
 
@@ -48,7 +48,7 @@ def train(ctx: typer.Context) -> None:
     or overridden as --key value (e.g. --learning-rate 1e-3 --use-rslora true).
     """
     from deltatune.config import load_config, parse_overrides
-    from deltatune.train import run
+    from deltatune.training import run
 
     args = list(ctx.args)
     config = Path(args.pop(0)) if args and not args[0].startswith("--") else None

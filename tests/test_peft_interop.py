@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.formats.peft import AdapterError, load_delta, save_delta
+from deltatune.formats.peft import AdapterError, save_delta
 from deltatune.models import tiny_llama
 
 CASES = {
@@ -45,8 +45,12 @@ def test_our_adapter_loads_in_peft(case, tmp_path, input_ids):
 def test_peft_adapter_loads_here(case, tmp_path, input_ids):
     kw = CASES[case]
     cfg = peft.LoraConfig(
-        r=kw["lora_r"], lora_alpha=kw["lora_alpha"], use_rslora=kw["use_rslora"], use_dora=kw["method"] == "dora",
-        target_modules="all-linear", init_lora_weights=False,  # random nonzero B
+        r=kw["lora_r"],
+        lora_alpha=kw["lora_alpha"],
+        use_rslora=kw["use_rslora"],
+        use_dora=kw["method"] == "dora",
+        target_modules="all-linear",
+        init_lora_weights=False,  # random nonzero B
     )
     torch.manual_seed(5)
     theirs = peft.get_peft_model(tiny_llama(seed=0).eval(), cfg).eval()
@@ -59,8 +63,14 @@ def test_peft_adapter_loads_here(case, tmp_path, input_ids):
 
 
 def test_peft_rank_and_alpha_patterns(tmp_path, input_ids):
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                          rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}, init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 3},
+        init_lora_weights=False,
+    )
     torch.manual_seed(6)
     theirs = peft.get_peft_model(tiny_llama(seed=0).eval(), cfg).eval()
     theirs.save_pretrained(tmp_path / "p")
@@ -102,7 +112,9 @@ def test_bad_adapters_name_the_file(tmp_path):
     # shape mismatch: adapter made for a wider model
     wide = deltatune.add_delta(tiny_llama(seed=0, hidden_size=128, intermediate_size=256), "lora", lora_r=4)
     save_delta(wide, tmp_path / "w")
-    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"):
+    with pytest.raises(
+        AdapterError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"
+    ):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "w")
     # a module the model does not have
     deep = deltatune.add_delta(tiny_llama(seed=0, num_hidden_layers=3), "lora", lora_r=4)

@@ -231,14 +231,13 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": use_bf16}
     out = Path(cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}")
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows, eval_rows, items = build_data(cfg, tokenizer)  # bad data fails before anything is written
+    model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
     if is_main:
         checkpoints.prepare_output(out, cfg.resume)
         write_json(out / "config.json", cfg.to_dict())
-
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
-    train_rows, eval_rows, items = build_data(cfg, tokenizer)
     if is_main:
         stats = train_rows.stats
         print(
