@@ -1,8 +1,11 @@
 """Checkpoints that survive SIGKILL: everything needed to continue bit-for-bit, written atomically.
 
     <output>/checkpoints/step-000050/
-        adapter_config.json, adapter_model.safetensors   the delta (PEFT format)
-        trainer_state.safetensors                        AdamW moments + every rank's RNG state
+        adapter_config.json, adapter_model.safetensors   the delta as it would ship (PEFT format)
+        trainer_state.safetensors                        the delta's raw training state by name (parameters
+                                                         and buffers, before save-time conversions such as
+                                                         PiSSA's or a sparse selection), AdamW moments and
+                                                         every rank's RNG state
         trainer_state.json                               step, counters, eval-before, param-group layout
 
 A checkpoint is first written to a hidden temp directory and then renamed into place, so a
@@ -24,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.config import ConfigError
-from deltatune.deltas import get_method, named_delta_parameters
-from deltatune.formats.peft import WEIGHTS_NAME, read_adapter, save_delta
+from deltatune.deltas import named_delta_state
+from deltatune.formats.peft import save_delta
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -89,6 +92,7 @@ def save(
         save_delta(model, tmp)
         opt = optimizer.state_dict()
         tensors = {f"rng.rank{r}": s for r, s in enumerate(rngs)}
+        tensors |= {f"delta.{k}": v.detach().cpu().contiguous() for k, v in named_delta_state(model).items()}
         for idx, pstate in opt["state"].items():
             for key, value in pstate.items():
                 tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -112,18 +116,16 @@ def save(
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
     """Restore delta weights, optimizer moments and this rank's RNG; returns the counters."""
     state = json.loads((path / STATE_JSON).read_text())
-    _, disk_tensors = read_adapter(path)
-    method = get_method(model.delta_method)
-    weights = method.from_disk(disk_tensors)
-    params = named_delta_parameters(model)
-    if set(weights) != set(params):
+    tensors = load_file(path / STATE_TENSORS)
+    saved = {k.removeprefix("delta."): v for k, v in tensors.items() if k.startswith("delta.")}
+    current = named_delta_state(model)
+    if set(saved) != set(current) or any(saved[k].shape != v.shape for k, v in current.items()):
         raise ValueError(
-            f"{path / WEIGHTS_NAME}: does not match the configured delta (changed method or targets?)"
+            f"{path / STATE_TENSORS}: does not match the configured delta (changed method or targets?)"
         )
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    tensors = load_file(path / STATE_TENSORS)
+        for name, t in current.items():
+            t.copy_(saved[name])
     opt = optimizer.state_dict()
     if [len(g["params"]) for g in opt["param_groups"]] != [g["n_params"] for g in state["param_groups"]]:
         raise ValueError(f"{path / STATE_JSON}: optimizer layout differs from this run's configuration")

@@ -98,7 +98,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" and world > 1 else device_name)
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -250,6 +250,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
     )
 
+    base_params = sum(p.numel() for p in model.parameters())
     add_delta(model, cfg.method, cfg.delta_config())
     for p in named_delta_parameters(model).values():
         p.data = p.data.float()  # trainable weights stay fp32 even on a bf16 base
@@ -258,7 +259,6 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     loss_fn = CausalLMLoss(model, cfg.loss_chunk_tokens)
     trainable = sum(p.numel() for p in named_delta_parameters(model).values() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
 
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
     if resume_from is not None:
@@ -363,8 +363,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "method": cfg.method,
             "model": cfg.model,
             "trainable_params": trainable,
-            "total_params": total_params,
-            "trainable_percent": 100.0 * trainable / total_params,
+            "total_params": base_params,  # the base model's; trainable_percent is relative to it
+            "trainable_percent": 100.0 * trainable / base_params,
             "steps": step,
             "tokens_per_second": tokens_seen / max(train_seconds, 1e-9),
             "train_tokens": tokens_seen,

@@ -1,3 +1,9 @@
+import os
+
+# Spin-waiting OpenMP threads collapse throughput when the CPU is shared (CI, parallel helpers);
+# the tests use tiny tensors, so passive waiting costs nothing and avoids 10-100x stalls.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 

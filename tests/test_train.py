@@ -293,3 +293,31 @@ def test_export_merged_loads_in_plain_transformers(tmp_path, tiny_dir):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     ids = torch.randint(0, 49152, (2, 9))
     torch.testing.assert_close(plain(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_export_keeps_bias_deltas(tmp_path, tiny_dir):
+    """BitFit adds biases to bias-free Llama linears; the exported model must still carry them."""
+    model = deltatune.add_delta(AutoModelForCausalLM.from_pretrained(tiny_dir), "bitfit")
+    with torch.no_grad():
+        for p in deltatune.deltas.named_delta_parameters(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    deltatune.save_delta(model, tmp_path / "a")
+    from deltatune.export import export_merged
+
+    export_merged(str(tiny_dir), tmp_path / "a", tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 49152, (2, 9))
+    torch.testing.assert_close(plain(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["pissa", "vera", "graft"])
+def test_resume_restores_raw_training_state(method, tmp_path, tiny_dir):
+    """Methods with buffers (VeRA, PiSSA) or a save-time selection (graft) resume exactly too."""
+    cfg = dict(FAST, model=str(tiny_dir), method=method, max_steps=6, save_every=3, output=str(tmp_path / "r"))
+    cfg.pop("lora_r")
+    deltatune.train(cfg)
+    straight = _adapter(tmp_path / "r")
+    (tmp_path / "r" / "summary.json").unlink()
+    deltatune.train(dict(cfg, resume=True))  # continues from the step-3 checkpoint
+    for k, v in straight.items():
+        torch.testing.assert_close(_adapter(tmp_path / "r")[k], v, atol=1e-6, rtol=0)

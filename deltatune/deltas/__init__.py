@@ -1,6 +1,11 @@
 """The method registry and the verbs that work on any delta.
 
 Adding a method = one module defining a `Method` subclass + one line in `_METHODS` below.
+Methods are grouped by what they change (the "unified view" of parameter-efficient tuning):
+
+    weight deltas       W' = W + ΔW (low-rank, orthogonal, Kronecker, bias, sparse, dense)
+    activation deltas   h' = h ⊙ s + b, or h + f(h)
+    input deltas        virtual tokens / per-layer key-value prefixes the input attends to
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.deltas.adapters import Houlsby, Parallel
 from deltatune.deltas.base import (
     DeltaConfig,
     DeltaLayer,
@@ -17,26 +23,92 @@ from deltatune.deltas.base import (
     freeze_base,
     merge_into_base,
     named_delta_parameters,
+    named_delta_state,
     set_merged,
 )
+from deltatune.deltas.bitfit import Bitfit
+from deltatune.deltas.boft import Boft
+from deltatune.deltas.diff_pruning import DiffPruning
 from deltatune.deltas.dora import Dora
+from deltatune.deltas.full import Full, LayerSelect
+from deltatune.deltas.graft import Graft
+from deltatune.deltas.ia3 import Ia3
+from deltatune.deltas.loha import Loha
+from deltatune.deltas.lokr import Lokr
 from deltatune.deltas.lora import Lora
+from deltatune.deltas.oft import Oft
+from deltatune.deltas.pissa import Olora, Pissa
+from deltatune.deltas.prefix_tuning import PrefixTuning, PtuningV2
+from deltatune.deltas.prompt_tuning import PromptTuning
+from deltatune.deltas.ssf import Ssf
+from deltatune.deltas.vera import Vera
 
-_METHODS: list[Method] = [Lora(), Dora()]
+_METHODS: list[Method] = [
+    # weight deltas
+    Lora(),
+    Dora(),
+    Pissa(),
+    Olora(),
+    Vera(),
+    Loha(),
+    Lokr(),
+    Oft(),
+    Boft(),
+    Bitfit(),
+    Full(),
+    DiffPruning(),
+    Graft(),
+    LayerSelect(),
+    # activation deltas
+    Ia3(),
+    Ssf(),
+    Houlsby(),
+    Parallel(),
+    # input deltas
+    PromptTuning(),
+    PrefixTuning(),
+    PtuningV2(),
+]
+FAMILIES: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "lora",
+            "dora",
+            "pissa",
+            "olora",
+            "vera",
+            "loha",
+            "lokr",
+            "oft",
+            "boft",
+            "bitfit",
+            "full",
+            "diff_pruning",
+            "graft",
+            "layer_select",
+        ],
+        "weight",
+    ),
+    **dict.fromkeys(["ia3", "ssf", "houlsby", "parallel_adapter"], "activation"),
+    **dict.fromkeys(["prompt_tuning", "prefix_tuning", "ptuning_v2"], "input"),
+}
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
 __all__ = [
+    "FAMILIES",
     "METHODS",
     "DeltaConfig",
     "DeltaLayer",
     "Method",
     "add_delta",
+    "delta_report",
     "delta_layers",
     "freeze_base",
     "get_method",
     "merge_into_base",
     "method_for_disk",
     "named_delta_parameters",
+    "named_delta_state",
     "set_merged",
 ]
 
@@ -49,17 +121,17 @@ def get_method(name: str) -> Method:
 
 
 def method_for_disk(disk: dict[str, Any]) -> Method:
-    """Which method wrote this adapter_config.json (deltatune's own key first, then PEFT's type)."""
+    """Which method reads this adapter_config.json: the one registered method that claims it."""
     if "deltatune_method" in disk:
-        return get_method(disk["deltatune_method"])
-    peft_type = disk.get("peft_type")
-    if peft_type == "LORA":
-        return METHODS["dora" if disk.get("use_dora") else "lora"]
-    for method in METHODS.values():
-        if method.peft_type is not None and method.peft_type == peft_type:
-            return method
+        get_method(disk["deltatune_method"])  # an unknown name gets the list of valid ones
+    claimants = [m for m in _METHODS if m.claims(disk)]
+    if len(claimants) == 1:
+        return claimants[0]
+    if claimants:
+        names = ", ".join(m.name for m in claimants)
+        raise ValueError(f"adapter config is claimed by several methods ({names}); this is a registry bug")
     known = sorted({m.peft_type for m in METHODS.values() if m.peft_type})
-    raise ValueError(f"peft_type {peft_type!r} is not supported; supported: {', '.join(known)}")
+    raise ValueError(f"peft_type {disk.get('peft_type')!r} is not supported; supported: {', '.join(known)}")
 
 
 def add_delta(
@@ -76,3 +148,8 @@ def add_delta(
     model.delta_paths = paths
     freeze_base(model)
     return model
+
+
+def delta_report(model: nn.Module) -> dict[str, Any]:
+    """What the attached delta reports about itself (e.g. a sparse method's fraction and score kept)."""
+    return get_method(model.delta_method).report(model) if hasattr(model, "delta_method") else {}

@@ -12,6 +12,13 @@ Training, saving, merging and serving are written once against this contract, in
 functions at the bottom of this file. Methods that do not wrap linear layers (soft prompts, ...)
 override `Method.attach` instead of `wrap`.
 
+Beyond ΔW, a delta may carry:
+    - a bias change                      DeltaLayer.delta_bias()        (BitFit, SSF; merge creates a bias if needed)
+    - fixed state saved with it          persistent buffers             (VeRA's shared projections, PiSSA's
+                                                                         initial factors, sparse indices)
+    - state that wraps no module         a DeltaLayer whose base_layer is None, attached at its own path
+                                         (a soft prompt, VeRA's shared projections); merging removes it
+
          base model                          with a delta attached
     ┌──────────────────┐              ┌──────────────────────────────┐
     │ q_proj: Linear   │   attach()   │ q_proj: LoraLinear            │
@@ -40,36 +47,94 @@ class DeltaConfig(BaseModel):
 
 
 class DeltaLayer(nn.Module):
-    """A module that wraps a frozen base module and adds a trainable change to it."""
+    """A module that wraps a frozen base module and adds a trainable change to it.
 
-    base_layer: nn.Module
+    `base_layer` is None for delta state that wraps nothing (see the module docstring). Attributes
+    the wrapper lacks are looked up on the base module, so code that reads `layer.weight` or
+    `layer.in_features` keeps working after a delta is attached.
+    """
+
+    base_layer: nn.Module | None
     merged: bool = False
     disabled: bool = False
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or "base_layer" not in self._modules:
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     def delta_weight(self) -> torch.Tensor | None:
         """Dense ΔW in the base weight's shape, or None when the change is not a weight delta."""
+        return None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """Dense Δb in the base bias's shape (the output size), or None when the bias does not change."""
         return None
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        delta = self.delta_weight()
-        if delta is None:
+        delta, bias = self.delta_weight(), self.delta_bias()
+        if delta is None and bias is None:
             raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
-        self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        if delta is not None:
+            self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        if bias is not None:
+            fold_bias(self, bias)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+        delta, bias = self.delta_weight(), self.delta_bias()
+        if delta is not None:
+            self.base_layer.weight -= delta.to(self.base_layer.weight.dtype)
+        if bias is not None:
+            unfold_bias(self, bias)
         self.merged = False
 
     def delta_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters this delta owns (everything except the wrapped base module)."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+
+    def delta_buffers(self) -> dict[str, torch.Tensor]:
+        """Fixed (untrained) tensors saved and loaded with the delta: its persistent buffers."""
+        return {
+            n: b
+            for n, b in self.named_buffers()
+            if not n.startswith("base_layer.") and n.rsplit(".", 1)[-1] not in _non_persistent(self, n)
+        }
+
+
+def _non_persistent(layer: nn.Module, name: str) -> set[str]:
+    owner = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+    return owner._non_persistent_buffers_set
+
+
+@torch.no_grad()
+def fold_bias(layer: DeltaLayer, bias: torch.Tensor) -> None:
+    """base.bias += Δb; a base without a bias gets one (remembered, so unfold_bias can drop it)."""
+    base = layer.base_layer
+    if base.bias is None:
+        base.bias = nn.Parameter(torch.zeros_like(bias, dtype=base.weight.dtype), requires_grad=False)
+        layer._created_bias = True
+    base.bias += bias.to(base.bias.dtype)
+
+
+@torch.no_grad()
+def unfold_bias(layer: DeltaLayer, bias: torch.Tensor) -> None:
+    """Undo fold_bias; a bias that fold_bias created is removed, restoring the exact original module."""
+    base = layer.base_layer
+    if getattr(layer, "_created_bias", False):
+        base.bias = None
+        layer._created_bias = False
+    else:
+        base.bias -= bias.to(base.bias.dtype)
 
 
 @dataclass(frozen=True)
@@ -109,8 +174,29 @@ class Method:
         fields = self.config_class.model_fields
         return self.config_class(**{k: v for k, v in disk.items() if k in fields})
 
+    def claims(self, disk: dict[str, Any]) -> bool:
+        """Whether this method reads the adapter described by `disk` (an adapter_config.json)."""
+        if "deltatune_method" in disk:
+            return disk["deltatune_method"] == self.name
+        return self.peft_type is not None and disk.get("peft_type") == self.peft_type
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """Numbers worth recording next to the saved delta (e.g. what a sparse method kept)."""
+        return {}
+
+
+def in_delta_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x as a delta's matmul should see it: autocast picks the dtype when on, else the delta's dtype."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(like.dtype)
+
 
 # --- target matching ------------------------------------------------------------------------------
+
+
+def require_linear(module: nn.Module, method: str, path: str) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{method} targets nn.Linear; {path} is {type(module).__name__}")
+    return module
 
 
 def _output_layer_names(model: nn.Module) -> set[str]:
@@ -138,12 +224,27 @@ def delta_layers(model: nn.Module) -> dict[str, DeltaLayer]:
 
 
 def named_delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Trainable delta parameters by their path in the model (the keys saved to disk, minus prefix)."""
+    """Trainable delta parameters by their path in the model (the keys saved to disk, minus prefix).
+
+    A parameter shared by two layers (a tied embedding's delta) is listed once, under its first path.
+    """
     extra = getattr(model, "delta_extra_parameters", None)
     params = dict(extra()) if extra else {}
+    seen = {id(p) for p in params.values()}
     for path, layer in delta_layers(model).items():
-        params.update({f"{path}.{n}": p for n, p in layer.delta_parameters().items()})
+        for n, p in layer.delta_parameters().items():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params[f"{path}.{n}"] = p
     return params
+
+
+def named_delta_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything saved with a delta: its parameters plus its fixed buffers, by path in the model."""
+    state: dict[str, torch.Tensor] = dict(named_delta_parameters(model))
+    for path, layer in delta_layers(model).items():
+        state.update({f"{path}.{n}": b for n, b in layer.delta_buffers().items()})
+    return state
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -155,10 +256,16 @@ def freeze_base(model: nn.Module) -> None:
 
 def merge_into_base(model: nn.Module) -> nn.Module:
     """Fold every delta into the base weights and put the plain base modules back."""
-    for path, layer in delta_layers(model).items():
+    layers = delta_layers(model)
+    for layer in layers.values():
         layer.merge()
-        model.set_submodule(path, layer.base_layer)
-    for attr in ("delta_method", "delta_config"):
+    for path, layer in layers.items():
+        if layer.base_layer is None:  # delta state that wraps nothing goes away with the delta
+            parent, _, name = path.rpartition(".")
+            delattr(model.get_submodule(parent), name)
+        else:
+            model.set_submodule(path, layer.base_layer)
+    for attr in ("delta_method", "delta_config", "delta_paths"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

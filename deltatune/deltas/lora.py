@@ -94,6 +94,9 @@ class Lora(Method):
             module, r, lora_scale(r, alpha, cfg.use_rslora), cfg.lora_dropout, cfg.lora_init
         )
 
+    def claims(self, disk: dict[str, Any]) -> bool:
+        return disk.get("peft_type") == "LORA" and bool(disk.get("use_dora", False)) == self.use_dora
+
     def disk_config(self, cfg: LoraConfig, paths: list[str], base_model: str | None) -> dict[str, Any]:
         suffixes = sorted({p.rsplit(".", 1)[-1] for p in paths})
         return {

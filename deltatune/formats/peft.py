@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.deltas import add_delta, get_method, method_for_disk, named_delta_parameters
+from deltatune.deltas import add_delta, get_method, method_for_disk, named_delta_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,13 +52,21 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
         raise ValueError("model has no delta attached (use add_delta or load with an adapter)")
     method = get_method(model.delta_method)
     path = Path(path)
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in named_delta_parameters(model).items()
-    }
+    state = {k: _for_disk(v) for k, v in named_delta_state(model).items()}
     tensors = method.to_disk(state)
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(path / CONFIG_NAME, method.disk_config(model.delta_config, model.delta_paths, base_model))
+    config = method.disk_config(model.delta_config, model.delta_paths, base_model)
+    report = method.report(model)
+    if report:
+        config["deltatune_report"] = report
+    write_json(path / CONFIG_NAME, config)
     return path
+
+
+def _for_disk(t: torch.Tensor) -> torch.Tensor:
+    """Float tensors are stored in fp32 (whatever the training precision); integer ones as they are."""
+    t = t.detach().to("cpu")
+    return (t.float() if t.is_floating_point() else t).contiguous()
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -104,7 +112,7 @@ def load_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         add_delta(model, method, cfg)
     except (ValueError, TypeError) as err:
         raise AdapterError(f"{path}: does not fit this model: {err}") from None
-    params = named_delta_parameters(model)
+    params = named_delta_state(model)
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if unexpected:

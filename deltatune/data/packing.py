@@ -1,0 +1,126 @@
+"""Pack tokenized samples into fixed-length rows without letting samples see each other.
+
+Short chat samples (~60-100 tokens) padded to a common length waste most of a batch; packing
+several whole samples into each row of `max_len` tokens removes that waste. Samples are placed by
+best-fit-decreasing bin packing (longest first, each into the row whose free space fits it most
+tightly), which needs at most 11/9 of the optimal row count (plus one) and is deterministic. A sample is never
+split across rows; one longer than `max_len` keeps its first `max_len` tokens.
+
+Isolation comes from the position ids, which restart at 0 at every sample (and at the padding that
+fills the end of a row). Given position ids and no attention mask, transformers >= 5 builds a
+block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`) - but only when there is
+no KV cache, so the model must be called with `use_cache=False`: with the default `use_cache=True`
+a cache object exists and the mask silently falls back to plain causal, letting samples attend to
+earlier samples in the row (tests/test_data.py checks both facts).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss; otherwise labels[i] == input_ids[i] (not shifted)
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"sample has {len(self.input_ids)} input ids but {len(self.labels)} labels")
+
+
+@dataclass
+class PackStats:
+    samples: int
+    rows: int
+    tokens: int  # sample tokens placed in rows (after truncation)
+    target_tokens: int  # tokens with a label
+    padding_tokens: int
+    truncated_samples: int
+    truncated_tokens: int  # tokens cut off the end of over-long samples
+
+    @property
+    def efficiency(self) -> float:
+        """Share of row slots holding real tokens: 1.0 means no padding."""
+        slots = self.tokens + self.padding_tokens
+        return self.tokens / slots if slots else 0.0
+
+
+@dataclass
+class PackedRows:
+    input_ids: torch.Tensor  # [rows, max_len] long
+    labels: torch.Tensor  # [rows, max_len] long, IGNORE_INDEX where no loss
+    position_ids: torch.Tensor  # [rows, max_len] long, restarting at 0 at every sample and at the padding
+    stats: PackStats
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of the items in each bin. Ties go to the lower index / the older bin, so the result is stable."""
+    if any(n < 1 or n > capacity for n in lengths):
+        raise ValueError(f"every length must be in [1, {capacity}]")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), kept sorted
+    for i in order:
+        pos = bisect.bisect_left(free, (lengths[i], -1))
+        if pos < len(free):
+            space, b = free.pop(pos)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        bisect.insort(free, (space - lengths[i], b))
+    return bins
+
+
+def pack(samples: list[Sample], max_len: int, pad_id: int) -> PackedRows:
+    """Pack whole samples into rows of `max_len` tokens (rows in packing order; shuffle them in training).
+
+    Label contract: labels are NOT shifted. `labels[r, i] == input_ids[r, i]` where token i is a target
+    and IGNORE_INDEX (-100) elsewhere: prompt tokens, padding, and the FIRST token of every sample. The
+    loss is the usual causal one, `cross_entropy(logits[:, :-1], labels[:, 1:])`, i.e. token i is
+    predicted from position i-1. Because the first token of each sample has label -100, the only
+    predictions that cross a sample boundary (last token of sample k -> first token of sample k+1) are
+    ignored, so every counted prediction has its input and target in the same sample.
+
+    Run the model as `model(input_ids=..., position_ids=..., use_cache=False)` and without an
+    attention_mask, so transformers builds the block-diagonal mask from the restarting position ids.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if any(not s.input_ids for s in samples):
+        raise ValueError("cannot pack an empty sample")
+    lengths = [min(len(s.input_ids), max_len) for s in samples]
+    truncated = [len(s.input_ids) - n for s, n in zip(samples, lengths, strict=True)]
+    bins = best_fit_decreasing(lengths, max_len)
+
+    input_ids = torch.full((len(bins), max_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), max_len), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), max_len), dtype=torch.long)
+    for row, members in enumerate(bins):
+        start = 0
+        for i in members:
+            n, end = lengths[i], start + lengths[i]
+            input_ids[row, start:end] = torch.tensor(samples[i].input_ids[:n])
+            labels[row, start:end] = torch.tensor(samples[i].labels[:n])
+            labels[row, start] = IGNORE_INDEX
+            position_ids[row, start:end] = torch.arange(n)
+            start = end
+        position_ids[row, start:] = torch.arange(max_len - start)
+
+    tokens = sum(lengths)
+    stats = PackStats(
+        samples=len(samples),
+        rows=len(bins),
+        tokens=tokens,
+        target_tokens=int((labels != IGNORE_INDEX).sum()),
+        padding_tokens=len(bins) * max_len - tokens,
+        truncated_samples=sum(t > 0 for t in truncated),
+        truncated_tokens=sum(truncated),
+    )
+    return PackedRows(input_ids, labels, position_ids, stats)
