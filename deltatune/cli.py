@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from deltatune.cli_after import register as register_after_training
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -159,6 +161,9 @@ def export(
     except _expected_errors() as err:
         _fail(err)
     typer.echo(f"wrote {path} (deltatune {deltatune.__version__})")
+
+
+register_after_training(app)
 
 
 def main() -> None:
