@@ -39,8 +39,8 @@ class TrainConfig(BaseModel):
     lora_plus_ratio: float = Field(1.0, gt=0)  # LoRA+: B (and other "up" matrices) train at lr * ratio
     weight_decay: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    max_steps: int = Field(150, ge=1)
+    warmup_steps: int = Field(6, ge=0)
+    max_steps: int = Field(60, ge=1)
     batch_size: int = Field(8, ge=1)  # packed rows per micro-batch, per process
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=8)
