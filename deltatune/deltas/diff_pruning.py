@@ -17,22 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, Method, require_linear
+from deltatune.deltas.base import DeltaConfig, require_linear
 from deltatune.deltas.sparse import (
-    SparseLoadedConfig,
+    SparseMethod,
     SparseTrainLayer,
-    attach_loaded,
-    attach_sparse,
-    loaded_config,
-    selector_report,
-    sparse_disk_config,
-    sparse_to_disk,
 )
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
@@ -108,33 +102,17 @@ def diff_candidates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class DiffPruning(Method):
+class DiffPruning(SparseMethod):
     name = "diff_pruning"
     config_class = DiffPruningConfig
 
-    def attach(self, model: nn.Module, cfg: DiffPruningConfig | SparseLoadedConfig) -> list[str]:
-        if isinstance(cfg, SparseLoadedConfig):
-            return attach_loaded(model, cfg)
-        paths = self.targets(model, cfg)
-        if not paths:
-            raise ValueError(f"method {self.name!r}: target_modules matched no module of the model")
+    def make_layer(self, module: nn.Module, path: str, cfg: DiffPruningConfig) -> DiffPruningLinear:
+        return DiffPruningLinear(
+            require_linear(module, self.name, path), cfg.diff_init_logit, cfg.diff_l0_weight
+        )
 
-        def make(module: nn.Module, path: str) -> DiffPruningLinear:
-            return DiffPruningLinear(
-                require_linear(module, self.name, path), cfg.diff_init_logit, cfg.diff_l0_weight
-            )
+    def density(self, cfg: DiffPruningConfig) -> float:
+        return cfg.diff_density
 
-        attach_sparse(model, paths, make, cfg.diff_density)
-        return paths
-
-    def to_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return sparse_to_disk(state, diff_candidates)
-
-    def disk_config(self, cfg: DeltaConfig, paths: list[str], base_model: str | None) -> dict[str, Any]:
-        return sparse_disk_config(self.name, cfg, base_model)
-
-    def config_from_disk(self, disk: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseLoadedConfig:
-        return loaded_config(tensors)
-
-    def report(self, model: nn.Module) -> dict[str, Any]:
-        return selector_report(model)
+    def candidates(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return diff_candidates(state)

@@ -12,22 +12,16 @@ evaluation, merging and saving use the graft only. The report (adapter_config.js
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, Method, require_linear
+from deltatune.deltas.base import DeltaConfig, require_linear
 from deltatune.deltas.sparse import (
-    SparseLoadedConfig,
+    SparseMethod,
     SparseTrainLayer,
-    attach_loaded,
-    attach_sparse,
-    loaded_config,
-    selector_report,
-    sparse_disk_config,
-    sparse_to_disk,
 )
 
 
@@ -54,29 +48,15 @@ def graft_candidates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class Graft(Method):
+class Graft(SparseMethod):
     name = "graft"
     config_class = GraftConfig
 
-    def attach(self, model: nn.Module, cfg: GraftConfig | SparseLoadedConfig) -> list[str]:
-        if isinstance(cfg, SparseLoadedConfig):
-            return attach_loaded(model, cfg)
-        paths = self.targets(model, cfg)
-        if not paths:
-            raise ValueError(f"method {self.name!r}: target_modules matched no module of the model")
-        attach_sparse(
-            model, paths, lambda m, p: GraftLinear(require_linear(m, self.name, p)), cfg.graft_density
-        )
-        return paths
+    def make_layer(self, module: nn.Module, path: str, cfg: GraftConfig) -> GraftLinear:
+        return GraftLinear(require_linear(module, self.name, path))
 
-    def to_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return sparse_to_disk(state, graft_candidates)
+    def density(self, cfg: GraftConfig) -> float:
+        return cfg.graft_density
 
-    def disk_config(self, cfg: DeltaConfig, paths: list[str], base_model: str | None) -> dict[str, Any]:
-        return sparse_disk_config(self.name, cfg, base_model)
-
-    def config_from_disk(self, disk: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseLoadedConfig:
-        return loaded_config(tensors)
-
-    def report(self, model: nn.Module) -> dict[str, Any]:
-        return selector_report(model)
+    def candidates(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return graft_candidates(state)

@@ -17,13 +17,14 @@ the model switches to eval mode, runs the selection over all layers at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, in_delta_dtype
+from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, in_delta_dtype
 
 SELECTOR = "sparse_selector"
 INDICES, VALUES = "sparse_indices", "sparse_values"
@@ -207,3 +208,42 @@ def sparse_disk_config(name: str, cfg: DeltaConfig, base_model: str | None) -> d
 def selector_report(model: nn.Module) -> dict[str, Any]:
     selector = getattr(model, SELECTOR, None)
     return dict(selector.select()) if isinstance(selector, SparseSelector) else {}
+
+
+@dataclass(frozen=True)
+class SparseMethod(Method):
+    """A method that trains a dense ΔW and keeps a top fraction of it (graft, diff_pruning).
+
+    A subclass says how to wrap a linear layer, which density its config asks for, and which
+    tensor of its trained state ranks the entries; storage, loading and the report are shared.
+    """
+
+    def make_layer(self, module: nn.Module, path: str, cfg: DeltaConfig) -> SparseTrainLayer:
+        raise NotImplementedError
+
+    def density(self, cfg: DeltaConfig) -> float:
+        raise NotImplementedError
+
+    def candidates(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
+        if isinstance(cfg, SparseLoadedConfig):
+            return attach_loaded(model, cfg)
+        paths = self.targets(model, cfg)
+        if not paths:
+            raise ValueError(f"method {self.name!r}: target_modules matched no module of the model")
+        attach_sparse(model, paths, lambda m, p: self.make_layer(m, p, cfg), self.density(cfg))
+        return paths
+
+    def to_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return sparse_to_disk(state, self.candidates)
+
+    def disk_config(self, cfg: DeltaConfig, paths: list[str], base_model: str | None) -> dict[str, Any]:
+        return sparse_disk_config(self.name, cfg, base_model)
+
+    def config_from_disk(self, disk: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseLoadedConfig:
+        return loaded_config(tensors)
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return selector_report(model)
