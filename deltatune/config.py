@@ -41,9 +41,9 @@ class TrainConfig(BaseModel):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(6, ge=0)
     max_steps: int = Field(60, ge=1)
-    batch_size: int = Field(8, ge=1)  # packed rows per micro-batch, per process
+    batch_size: int = Field(4, ge=1)  # packed rows per micro-batch, per process
     grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(256, ge=8)
+    max_seq_len: int = Field(512, ge=8)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     # execution
     precision: Literal["auto", "bf16", "fp32"] = "auto"
