@@ -167,6 +167,9 @@ register_after_training(app)
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise here; deltatune prints its own
     try:
         app()
     except KeyboardInterrupt:

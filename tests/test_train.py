@@ -313,7 +313,9 @@ def test_export_keeps_bias_deltas(tmp_path, tiny_dir):
 @pytest.mark.parametrize("method", ["pissa", "vera", "graft"])
 def test_resume_restores_raw_training_state(method, tmp_path, tiny_dir):
     """Methods with buffers (VeRA, PiSSA) or a save-time selection (graft) resume exactly too."""
-    cfg = dict(FAST, model=str(tiny_dir), method=method, max_steps=6, save_every=3, output=str(tmp_path / "r"))
+    cfg = dict(
+        FAST, model=str(tiny_dir), method=method, max_steps=6, save_every=3, output=str(tmp_path / "r")
+    )
     cfg.pop("lora_r")
     deltatune.train(cfg)
     straight = _adapter(tmp_path / "r")
@@ -321,3 +323,36 @@ def test_resume_restores_raw_training_state(method, tmp_path, tiny_dir):
     deltatune.train(dict(cfg, resume=True))  # continues from the step-3 checkpoint
     for k, v in straight.items():
         torch.testing.assert_close(_adapter(tmp_path / "r")[k], v, atol=1e-6, rtol=0)
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path, tiny_dir):
+    runs = {}
+    for ckpt in (False, True):
+        cfg = dict(
+            FAST,
+            model=str(tiny_dir),
+            max_steps=3,
+            gradient_checkpointing=ckpt,
+            output=str(tmp_path / f"c{ckpt}"),
+        )
+        deltatune.train(cfg)
+        runs[ckpt] = _adapter(tmp_path / f"c{ckpt}")
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, atol=1e-6, rtol=1e-5)
+
+
+def test_generate_and_eval_cli(tmp_path, tiny_dir):
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", "What is 2+2?", "--model", str(tiny_dir), "--max-new-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    from deltatune.evaluate import generate
+
+    expected = generate(
+        model, load_tokenizer(str(tiny_dir)), [[{"role": "user", "content": "What is 2+2?"}]], 4
+    )[0]
+    assert res.stdout.rstrip("\n") == expected
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--task", "addition", "--n", "4"])
+    assert res.exit_code == 0 and "exact match: 0.0% of 4" in res.output, res.output
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--task", "algebra"])
+    assert res.exit_code == 2 and "addition" in res.output  # the error lists the valid tasks
