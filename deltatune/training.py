@@ -9,7 +9,8 @@ Choices that matter for speed and memory (see README for measurements):
   the forward runs under bf16 autocast, so nothing is re-cast per step but the small delta;
 - the loss is computed only at target positions, in chunks of `loss_chunk_tokens` whose logits are
   recomputed in the backward (checkpointed), so fp32 logits for the whole batch never exist;
-- samples are packed into full rows; restarted position_ids give a block-diagonal causal mask.
+- samples are packed into full rows, and attention runs per sample (attention.py), so a row costs
+  what its samples cost: no attention across samples and no quadratic waste on long rows.
 
 Gradient accumulation normalises by the real number of target tokens in the whole optimizer step
 (summed over micro-batches and DDP ranks), so the result does not depend on how the step is split.
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from deltatune import checkpoints
+from deltatune import attention, checkpoints
 from deltatune.config import TrainConfig, build_config
 from deltatune.deltas import add_delta, named_delta_parameters
 from deltatune.formats.peft import save_delta, write_json
@@ -66,7 +67,12 @@ class CausalLMLoss(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        packed = {}
+        if self.model.config._attn_implementation == attention.NAME:
+            packed["packed_layout"] = attention.packed_layout(position_ids)
+        hidden = self.model.base_model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, **packed
+        )
         hidden = hidden.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != -100
@@ -235,6 +241,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, items = build_data(cfg, tokenizer)  # bad data fails before anything is written
     model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
+    attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
     if is_main:
         checkpoints.prepare_output(out, cfg.resume)
         write_json(out / "config.json", cfg.to_dict())

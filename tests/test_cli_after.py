@@ -37,3 +37,22 @@ def test_extract_compress_decompress_via_cli(tmp_path):
     assert res.exit_code == 2 and "zip" in res.output
     res = runner.invoke(app, ["compress", str(tmp_path / "lora"), str(tmp_path / "y"), "--param", "density"])
     assert res.exit_code == 2 and "key=value" in res.output
+
+
+def test_merge_cli_linear_and_bad_config(tmp_path):
+    for seed in (0, 1):
+        tiny_llama(seed=seed).save_pretrained(tmp_path / f"m{seed}")
+    (tmp_path / "merge.yaml").write_text(
+        f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'm0'}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {tmp_path / 'm1'}\n    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    )
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "merge.yaml"), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    name = "model.layers.1.mlp.down_proj.weight"
+    expected = 0.5 * a.state_dict()[name] + 0.5 * b.state_dict()[name]
+    torch.testing.assert_close(merged.state_dict()[name], expected)
+    (tmp_path / "bad.yaml").write_text("merge_method: lineer\nmodels: []\n")
+    res = CliRunner().invoke(app, ["merge", str(tmp_path / "bad.yaml"), str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "merge_method" in res.output
