@@ -1,0 +1,379 @@
+"""The OpenAI-compatible HTTP server around an Engine (FastAPI + uvicorn).
+
+    GET  /health                      liveness, never needs a key
+    GET  /v1/models[/{id}]            the base model and every registered adapter
+    POST /v1/chat/completions         chat template applied; `model` = base name or adapter name
+    POST /v1/completions              raw text prompts
+    POST /v1/adapters                 {"name", "path"}: load at runtime (only under --allow-adapter-dir)
+    DELETE /v1/adapters/{name}        unload (running requests on it finish first)
+    GET  /metrics                     requests, tokens, batch sizes, adapters, responses by status
+
+Streaming uses server-sent events with OpenAI's chunk shapes and a final `data: [DONE]`. The engine
+runs on its own thread and reports through a callback; `_EventQueue` hops those events onto the
+event loop with `call_soon_threadsafe`, so no request ties up a worker thread while it waits.
+
+Every failure answers with OpenAI's error body {"error": {message, type, param, code}}: 400 for bad
+parameters (pydantic errors name the parameter), 401 for a wrong API key, 403 for a path outside the
+allow-list, 404 for an unknown model, 409 for a name clash, 503 when the queue is full. Handlers
+never let an exception escape, so the server keeps serving after any bad request.
+
+Security: the key is compared in constant time on every route but /health; adapter names must match
+`ADAPTER_NAME`; a runtime load resolves the path (symlinks included) and refuses anything whose
+directory or files land outside the allowed directories; only safetensors is ever read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deltatune.formats.peft import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from deltatune.serve import protocol as p
+from deltatune.serve.engine import Engine, EngineClosedError, EngineOverloadedError, Event
+from deltatune.serve.engine import Request as EngineRequest
+from deltatune.serve.pool import UnknownAdapterError, validate_adapter_name
+from deltatune.serve.protocol import APIError
+
+log = logging.getLogger("deltatune.serve")
+DEFAULT_CHAT_MAX_TOKENS = 512  # when the request names none (capped by the context left)
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+class _EventQueue:
+    """Engine events (scheduler thread) -> an asyncio.Queue on the server's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class _Guard:
+    """ASGI middleware: the API key on every route but /health, and responses counted by status."""
+
+    def __init__(self, app, api_key: str | None, counts: Counter):
+        self.app, self.api_key, self.counts = app, api_key, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope):
+            self.counts[401] += 1
+            body = p.error_body(
+                "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
+            )
+            return await JSONResponse(body, status_code=401)(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] += 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+
+
+def _param(loc: Sequence) -> str | None:
+    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def allowed_path(raw: str, roots: list[Path]) -> Path:
+    """Resolve an adapter path (relative ones against the first allowed root) and check the allow-list."""
+    if not roots:
+        raise APIError(
+            403,
+            "runtime adapter loading is disabled; start the server with --allow-adapter-dir DIR",
+            "permission_error",
+            "path",
+            "adapter_loading_disabled",
+        )
+    if "\x00" in raw or not raw.strip():
+        raise APIError(400, "path must be a non-empty directory path", param="path", code="invalid_path")
+    path = Path(raw).expanduser()
+    path = (path if path.is_absolute() else roots[0] / path).resolve()
+    targets = [path, (path / CONFIG_NAME).resolve(), (path / WEIGHTS_NAME).resolve()]
+    if not all(any(t.is_relative_to(root) for root in roots) for t in targets):
+        raise APIError(
+            403,
+            f"adapter path {raw!r} is outside the allowed adapter directories",
+            "permission_error",
+            "path",
+            "path_not_allowed",
+        )
+    return path
+
+
+def create_app(
+    engine: Engine, api_key: str | None = None, allowed_adapter_dirs: Sequence[str | Path] = ()
+) -> FastAPI:
+    """The FastAPI app serving `engine`; the engine's lifecycle stays with the caller."""
+    roots = []
+    for d in allowed_adapter_dirs:
+        root = Path(d).expanduser().resolve()
+        if not root.is_dir():
+            raise ValueError(f"--allow-adapter-dir {d}: not a directory")
+        roots.append(root)
+    counts: Counter = Counter()
+    started = time.time()
+    app = FastAPI(title="deltatune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, api_key=api_key, counts=counts)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                p.error_body("the request body is not valid JSON", "invalid_request_error"), 400
+            )
+        param = _param(first.get("loc", ()))
+        msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        body = p.error_body(
+            f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value"
+        )
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, err: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return JSONResponse(
+            p.error_body(str(err.detail), "invalid_request_error", None, code), err.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(p.error_body(f"internal error: {type(err).__name__}", "server_error"), 500)
+
+    def adapter_for(model: str) -> str | None:
+        if model == engine.model_name:
+            return None
+        if model in engine.pool:
+            return model
+        raise APIError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
+
+    def submit(
+        req: p._Request, prompts: list[list[int]], events: _EventQueue, max_tokens: int | None, default: int
+    ):
+        adapter = adapter_for(req.model)
+        items = []
+        for ids in prompts:
+            room = (engine.max_model_len or 1 << 30) - len(ids)
+            limit = max_tokens if max_tokens is not None else min(default, room)
+            if limit < 1:
+                raise APIError(
+                    400,
+                    f"the prompt ({len(ids)} tokens) fills the model's context",
+                    param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
+                )
+            items.append((ids, adapter, req.sampling(limit)))
+        try:
+            return engine.submit_many(items, on_event=events)
+        except UnknownAdapterError as err:
+            raise APIError(
+                404, f"The model {req.model!r} does not exist", param="model", code="model_not_found"
+            ) from err
+        except (EngineOverloadedError, EngineClosedError) as err:
+            raise APIError(503, str(err), "server_error", None, "overloaded") from err
+        except ValueError as err:
+            raise APIError(400, str(err), param="max_tokens" if max_tokens else None) from err
+
+    async def finished(requests: list[EngineRequest], events: _EventQueue) -> None:
+        """Wait until every request has ended; a failed one becomes a 500."""
+        try:
+            pending = len(requests)
+            while pending:
+                event = await events.queue.get()
+                pending -= bool(event.finish_reason or event.error)
+        finally:
+            for r in requests:
+                r.cancel()  # no-op for finished ones; stops generation if the client went away
+        failed = next((r.error for r in requests if r.error), None)
+        if failed:
+            raise APIError(500, failed, "server_error")
+
+    def usage_of(requests: list[EngineRequest]) -> dict:
+        return p.usage(sum(len(r.prompt_ids) for r in requests), sum(r.completion_tokens for r in requests))
+
+    async def stream(requests, events, first_chunks, chunk, final_usage) -> AsyncIterator[str]:
+        index = {r.id: i for i, r in enumerate(requests)}
+        try:
+            for c in first_chunks:
+                yield _sse(c)
+            pending = len(requests)
+            while pending:
+                ev = await events.queue.get()
+                if ev.error:
+                    yield _sse(p.error_body(ev.error, "server_error"))
+                    break
+                if ev.delta:
+                    yield _sse(chunk(index[ev.request_id], ev.delta, None))
+                if ev.finish_reason:
+                    pending -= 1
+                    yield _sse(chunk(index[ev.request_id], None, ev.finish_reason))
+            else:
+                if final_usage is not None:
+                    yield _sse(final_usage())
+                yield "data: [DONE]\n\n"
+        finally:
+            for r in requests:
+                r.cancel()
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "down"}, status_code=503)
+        return {"status": "ok", "model": engine.model_name}
+
+    @app.get("/v1/models")
+    async def models():
+        cards = [p.model_card(engine.model_name, None, int(started))]
+        cards += [p.model_card(n, engine.model_name, int(started)) for n in engine.adapters()]
+        return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        adapter = adapter_for(name)
+        return p.model_card(name, None if adapter is None else engine.model_name, int(started))
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: p.ChatCompletionRequest):
+        messages = [m.as_template_message() for m in req.messages]
+        try:
+            ids = engine.chat_prompt(messages)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from err
+        events = _EventQueue()
+        requests = submit(req, [ids], events, req.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS)
+        rid = p.new_id("chatcmpl")
+        if req.stream:
+
+            def chunk(i, text, reason):
+                return p.chat_chunk(rid, req.model, i, {} if text is None else {"content": text}, reason)
+
+            first = [p.chat_chunk(rid, req.model, 0, {"role": "assistant", "content": ""}, None)]
+            final = (
+                (lambda: p.usage_chunk(rid, req.model, "chat.completion.chunk", usage_of(requests)))
+                if req.include_usage
+                else None
+            )
+            return _sse_response(stream(requests, events, first, chunk, final))
+        await finished(requests, events)
+        choices = [(r.text, r.finish_reason) for r in requests]
+        return p.chat_response(rid, req.model, choices, usage_of(requests))
+
+    @app.post("/v1/completions")
+    async def completions(req: p.CompletionRequest):
+        events = _EventQueue()
+        prompts = [engine.text_prompt(text) for text in req.prompt]
+        requests = submit(req, prompts, events, req.requested_max_tokens(), DEFAULT_COMPLETION_MAX_TOKENS)
+        rid = p.new_id("cmpl")
+        if req.stream:
+
+            def chunk(i, text, reason):
+                return p.completion_chunk(rid, req.model, i, text or "", reason)
+
+            final = (
+                (lambda: p.usage_chunk(rid, req.model, "text_completion", usage_of(requests)))
+                if req.include_usage
+                else None
+            )
+            return _sse_response(stream(requests, events, [], chunk, final))
+        await finished(requests, events)
+        choices = [(r.text, r.finish_reason) for r in requests]
+        return p.completion_response(rid, req.model, choices, usage_of(requests))
+
+    @app.post("/v1/adapters")
+    async def load_adapter(req: p.AdapterLoadRequest):
+        path = allowed_path(req.path, roots)
+        try:
+            validate_adapter_name(req.name)
+        except ValueError as err:
+            raise APIError(400, str(err), param="name", code="invalid_adapter_name") from err
+        if req.name == engine.model_name or req.name in engine.pool:
+            raise APIError(
+                409, f"a model named {req.name!r} is already loaded", param="name", code="model_exists"
+            )
+        try:
+            await run_in_threadpool(engine.load_adapter, req.name, path)
+        except AdapterError as err:
+            raise APIError(400, str(err), param="path", code="invalid_adapter") from err
+        except ValueError as err:  # a concurrent load of the same name won
+            raise APIError(409, str(err), param="name", code="model_exists") from err
+        return p.model_card(req.name, engine.model_name, int(time.time()))
+
+    @app.delete("/v1/adapters/{name}")
+    async def unload_adapter(name: str):
+        try:
+            engine.unload_adapter(name)
+        except UnknownAdapterError as err:
+            raise APIError(
+                404, f"no adapter named {name!r} is loaded", param="name", code="model_not_found"
+            ) from err
+        return {"id": name, "object": "model", "deleted": True}
+
+    @app.get("/metrics")
+    async def metrics():
+        data = engine.stats()
+        data["http_responses"] = {str(k): v for k, v in sorted(counts.items())}
+        data["uptime_s"] = round(time.time() - started, 3)
+        return data
+
+    return app
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def serve(
+    base: str,
+    adapters: dict[str, Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    allowed_adapter_dirs: Sequence[str | Path] = (),
+    **engine_options,
+) -> None:
+    """Load the base model and adapters, then serve until interrupted (blocks)."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use it", host)
+    engine = Engine.from_pretrained(base, adapters, **engine_options)
+    try:
+        app = create_app(engine, api_key=api_key, allowed_adapter_dirs=allowed_adapter_dirs)
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.shutdown()

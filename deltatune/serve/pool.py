@@ -1,0 +1,291 @@
+"""The adapter pool: which adapters the server knows, which are resident, and in which slot.
+
+An adapter is *registered* (a validated name -> directory) and, while it is in use or recently
+used, *resident*: its LoRA weights copied into one slot of every MultiLoraLinear it targets. The
+resident set lives under a memory budget in bytes (the adapters' own weights in the serving
+dtype; the stacks are padded to the largest rank, so mixed ranks can take more). When a load would
+pass the budget, resident adapters that no running request holds are evicted, least recently used
+first; an evicted adapter stays registered and is read back from disk (safetensors only, via
+`deltatune.formats.peft.read_adapter`) the next time a request names it, as in S-LoRA.
+
+Only LoRA and rsLoRA are served: DoRA and other methods are refused at registration with a message
+naming the adapter's config file. Any target subset and any ranks are fine; a module that no
+resident adapter targeted before is wrapped the first time one does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltatune.deltas import method_for_disk
+from deltatune.deltas.lora import _pattern_value, lora_scale
+from deltatune.formats.peft import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter
+from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class UnknownAdapterError(KeyError):
+    """No adapter is registered under this name."""
+
+    def __str__(self) -> str:
+        return f"unknown adapter {self.args[0]!r}"
+
+
+class PoolBusyError(RuntimeError):
+    """The budget is full of adapters that running requests hold; try again when one finishes."""
+
+
+@dataclass
+class LoraModuleWeights:
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r]
+    scale: float
+
+
+@dataclass
+class _Resident:
+    slot: int
+    nbytes: int
+    refs: int = 0
+
+
+@dataclass
+class PoolStats:
+    loads: int = 0
+    evictions: int = 0
+    unloads: int = 0
+
+
+def validate_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def read_lora(path: str | Path) -> dict[str, LoraModuleWeights]:
+    """LoRA weights by module path, scale per module (alpha / r or rsLoRA's alpha / sqrt(r))."""
+    path = Path(path)
+    disk, tensors = read_adapter(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    try:
+        method = method_for_disk(disk)
+    except ValueError as err:
+        raise AdapterError(f"{config_file}: {err}") from None
+    if method.name != "lora":
+        raise AdapterError(
+            f"{config_file}: method {method.name!r} cannot be served; only LoRA and rsLoRA can"
+        )
+    state = method.from_disk(tensors)
+    bad = next((k for k in state if not k.endswith(_SUFFIXES)), None)
+    if bad is not None:
+        raise AdapterError(f"{weights_file}: key {bad!r} is not a LoRA A/B weight; it cannot be served")
+    alpha = float(disk.get("lora_alpha", 8))
+    alpha_pattern = disk.get("alpha_pattern") or {}
+    rslora = bool(disk.get("use_rslora", False))
+    modules: dict[str, LoraModuleWeights] = {}
+    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
+        module = key.removesuffix(".lora_A.weight")
+        a, b = state[key], state.get(module + ".lora_B.weight")
+        if b is None:
+            raise AdapterError(f"{weights_file}: {module}.lora_A.weight has no matching lora_B.weight")
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise AdapterError(
+                f"{weights_file}: {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain"
+            )
+        r = a.shape[0]
+        scale = lora_scale(r, float(_pattern_value(alpha_pattern, module, alpha)), rslora)
+        modules[module] = LoraModuleWeights(a, b, scale)
+    orphans = {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")} - set(modules)
+    if orphans:
+        raise AdapterError(
+            f"{weights_file}: {sorted(orphans)[0]}.lora_B.weight has no matching lora_A.weight"
+        )
+    if not modules:
+        raise AdapterError(f"{weights_file}: no lora_A weights found")
+    return modules
+
+
+def check_fits(model: nn.Module, modules: dict[str, LoraModuleWeights], where: Path) -> None:
+    """Every target is a linear layer of `model` with matching in/out features."""
+    for path, w in modules.items():
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(
+                f"{where / WEIGHTS_NAME}: module {path} does not exist in the base model"
+            ) from None
+        if isinstance(layer, MultiLoraLinear):
+            layer = layer.base_layer
+        if not isinstance(layer, nn.Linear):
+            raise AdapterError(
+                f"{where / WEIGHTS_NAME}: {path} is {type(layer).__name__}, not a linear layer"
+            )
+        want = (layer.out_features, layer.in_features)
+        if (w.lora_b.shape[0], w.lora_a.shape[1]) != want:
+            raise AdapterError(
+                f"{where / WEIGHTS_NAME}: {path} maps {w.lora_a.shape[1]} -> {w.lora_b.shape[0]} features, "
+                f"the base layer {want[1]} -> {want[0]}"
+            )
+
+
+class AdapterPool:
+    """Registered adapters, the resident subset under a byte budget, and their slots."""
+
+    def __init__(
+        self, model: nn.Module, routing: RowAdapters, budget_bytes: int | None = None, prepack: bool = False
+    ):
+        self.model = model
+        self.routing = routing
+        self.budget_bytes = budget_bytes
+        self.prepack = prepack  # wrapped layers keep a oneDNN-packed copy of their base weight
+        self.dtype = next(model.parameters()).dtype
+        self.lock = threading.RLock()  # held by the engine around every forward, too
+        self.layers: dict[str, MultiLoraLinear] = {}
+        self.paths: dict[str, Path] = {}
+        self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
+        self._targets: dict[str, list[str]] = {}
+        self._doomed: set[str] = set()  # unregistered while in use: freed on last release
+        self._next_slot = 1
+        self._free_slots: list[int] = []
+        self.stats = PoolStats()
+
+    def wrap_all_linear(self) -> None:
+        """Wrap every nn.Linear now (the output head too), so all base projections use the packed path."""
+        with self.lock:
+            for path, module in list(self.model.named_modules()):
+                if type(module) is nn.Linear:
+                    self.layers[path] = wrap_linear(self.model, path, self.routing, self.prepack)
+
+    # --- registry -------------------------------------------------------------------------------
+    def register(self, name: str, path: str | Path) -> None:
+        """Validate and load an adapter now (evicting idle ones if needed); errors name the file."""
+        validate_adapter_name(name)
+        path = Path(path)
+        modules = read_lora(path)  # file I/O outside the lock
+        check_fits(self.model, modules, path)
+        nbytes = self._nbytes(modules)
+        if self.budget_bytes is not None and nbytes > self.budget_bytes:
+            raise AdapterError(
+                f"{path}: needs {nbytes} bytes, more than the pool budget of {self.budget_bytes}"
+            )
+        with self.lock:
+            if name in self.paths:
+                raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+            if name in self._doomed:
+                raise ValueError(f"adapter {name!r} is still finishing its requests; try again shortly")
+            self.paths[name] = path
+            # if running requests hold the budget, it becomes resident when a request needs it
+            with contextlib.suppress(PoolBusyError):
+                self._make_resident(name, modules, nbytes)
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; running requests that hold it finish first, then its slot is freed."""
+        with self.lock:
+            if name not in self.paths:
+                raise UnknownAdapterError(name)
+            del self.paths[name]
+            self.stats.unloads += 1
+            entry = self.resident.get(name)
+            if entry is not None and entry.refs > 0:
+                self._doomed.add(name)
+            elif entry is not None:
+                self._evict(name)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return list(self.paths)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.paths
+
+    # --- use by requests ------------------------------------------------------------------------
+    def acquire(self, name: str) -> int:
+        """Hold an adapter for one request and return its slot; loads it from disk if it was evicted."""
+        with self.lock:
+            if name not in self.paths or name in self._doomed:
+                raise UnknownAdapterError(name)
+            if name not in self.resident:
+                path = self.paths[name]
+                modules = read_lora(path)
+                check_fits(self.model, modules, path)
+                self._make_resident(name, modules, self._nbytes(modules))
+            entry = self.resident[name]
+            entry.refs += 1
+            self.resident.move_to_end(name)
+            return entry.slot
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            entry = self.resident.get(name)
+            if entry is None:
+                return
+            entry.refs -= 1
+            if entry.refs == 0 and name in self._doomed:
+                self._doomed.discard(name)
+                self._evict(name)
+
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self.resident.values())
+
+    def describe(self) -> dict:
+        with self.lock:
+            return {
+                "registered": len(self.paths),
+                "resident": [n for n in self.resident if n not in self._doomed],
+                "used_bytes": self.used_bytes(),
+                "budget_bytes": self.budget_bytes,
+                "loads": self.stats.loads,
+                "evictions": self.stats.evictions,
+                "unloads": self.stats.unloads,
+            }
+
+    # --- internals (called with the lock held) --------------------------------------------------
+    def _nbytes(self, modules: dict[str, LoraModuleWeights]) -> int:
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum((w.lora_a.numel() + w.lora_b.numel()) * size for w in modules.values())
+
+    def _make_resident(self, name: str, modules: dict[str, LoraModuleWeights], nbytes: int) -> None:
+        self._evict_for(nbytes)
+        slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+        for path, w in modules.items():
+            layer = self.layers.get(path)
+            if layer is None:
+                layer = self.layers[path] = wrap_linear(self.model, path, self.routing, self.prepack)
+            layer.write_slot(slot, w.lora_a, w.lora_b, w.scale)
+        self._targets[name] = list(modules)
+        self.resident[name] = _Resident(slot, nbytes)
+        self.stats.loads += 1
+
+    def _take_new_slot(self) -> int:
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        return slot
+
+    def _evict_for(self, nbytes: int) -> None:
+        if self.budget_bytes is None:
+            return
+        while self.used_bytes() + nbytes > self.budget_bytes:
+            idle = next((n for n, e in self.resident.items() if e.refs == 0), None)
+            if idle is None:
+                raise PoolBusyError(
+                    f"adapter pool budget ({self.budget_bytes} bytes) is held by running requests"
+                )
+            self._evict(idle)
+            self.stats.evictions += 1
+
+    def _evict(self, name: str) -> None:
+        entry = self.resident.pop(name)
+        for path in self._targets.pop(name, []):
+            self.layers[path].clear_slot(entry.slot)
+        self._free_slots.append(entry.slot)
