@@ -1,7 +1,8 @@
 """Merge and compression quality on real adapters: three LoRA adapters on built-in tasks, merged and shrunk.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/merge.py        # the full run (~22 min on 2 shared cores)
-    python benchmarks/merge.py --steps 2 --eval-items 4        # a smoke run (writes to --out, default out/)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/merge.py        # full run: ~22 min on 2 shared cores, ~12 min
+                                                               # when the adapters are already cached
+    python benchmarks/merge.py --steps 2 --eval-items 4 --out /tmp/smoke   # a smoke run
     python benchmarks/merge.py --tables-only                   # rebuild goals and .md from the JSON
 
 (a) One LoRA adapter (r 16, all linear layers, the library's defaults) is trained per task on the
@@ -122,7 +123,7 @@ def fresh_dir(path: Path) -> Path:
 
 
 class Scorer:
-    """Exact match of a model on the held-out items of each task, in bf16 (checked against fp32)."""
+    """Exact match of a model on the held-out items of each task (bf16 or fp32: see the module docstring)."""
 
     def __init__(self, tasks: list[str], n_items: int):
         self.tokenizer = load_tokenizer()
