@@ -86,6 +86,10 @@ def test_multi_lora_linear_matches_the_formula_row_by_row():
             a, b, scale = loras[slot]
             expected[row] += scale * x[row] @ a.T @ b.T
     torch.testing.assert_close(layer(x), expected)
+    routing.set([2, 1])  # one row per adapter: the rows line up with the gathered weights
+    for row, slot in enumerate([2, 1]):
+        a, b, scale = loras[slot]
+        torch.testing.assert_close(layer(x[:2])[row], base(x[row]) + scale * x[row] @ a.T @ b.T)
     routing.set([1, 1, 1, 1])  # one adapter for all rows: the shared path
     a, b, scale = loras[1]
     torch.testing.assert_close(layer(x), base(x) + scale * x @ a.T @ b.T)
