@@ -14,12 +14,13 @@ Side by side, in generated tokens per second (prefill included, wall clock of th
   - the same engine with `prepack=False` (plain F.linear), base and 32 adapters
   - peft: one PeftModel with all adapters loaded, `generate(..., adapter_names=[...])`
   - plain transformers `generate` on the base model, for reference
-All three systems are loaded up front and their runs interleaved, `repeats` rounds, keeping each
-one's best time: the machine is shared, and interleaving lets every system see the same quiet and
-busy spells. Each run starts when no other thread is runnable (QuietGate, bounded by --max-wait
-seconds in all), and the contention each run started under is recorded in the JSON. The greedy texts of the engine and peft are compared row by row as a sanity check
-(they should agree; float rounding may flip a late token). Writes
-benchmarks/out/serve_throughput.{json,md,png}.
+All systems are loaded up front and their runs interleaved, `repeats` rounds, keeping each one's
+best time: the machine is shared, and interleaving lets every system see the same quiet and busy
+spells. Each run starts when no other thread is runnable (QuietGate, bounded by --max-wait seconds
+in all), and the contention each run started under is recorded in the JSON. Everything runs on the
+main thread (the engine's scheduler too, as under `deltatune serve`; see Engine.run). The greedy
+texts of the engine and peft are compared row by row as a sanity check (they should agree; float
+rounding may flip a late token). Writes benchmarks/out/serve_throughput.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig
 
@@ -159,13 +160,17 @@ def run(rows: int, new_tokens: int, rank: int, repeats: int, workdir: Path, max_
     prompts = chat_prompts(tokenizer, rows)
     tokens = rows * new_tokens
     configs = {"base": [None] * rows} | {f"{k} adapters": assignment(names, rows, k) for k in (1, 8, 32)}
-    setup = dict(rows=rows, new_tokens=new_tokens, rank=rank, repeats=repeats, threads=torch.get_num_threads(),
+    one = sum(t.numel() for t in load_file(adapters[names[0]] / "adapter_model.safetensors").values())
+    setup = dict(adapter_params=one, base_params=sum(p.numel() for p in plain.parameters()), rows=rows, new_tokens=new_tokens, rank=rank, repeats=repeats, threads=torch.get_num_threads(),
                  prompt_tokens=[len(p) for p in prompts], model="SmolLM2-135M-Instruct (default), fp32, CPU")  # fmt: skip
 
     t0 = time.perf_counter()
-    engine = Engine(load_model(), tokenizer, "base", adapters, max_batch=rows)
+    # autostart=False: `generate` runs the scheduler on this thread, as `deltatune serve` does (see Engine.run)
+    engine = Engine(load_model(), tokenizer, "base", adapters, max_batch=rows, autostart=False)
     setup["engine_adapter_load_s"] = round(time.perf_counter() - t0, 2)
-    unpacked = Engine(load_model(), tokenizer, "base", adapters, max_batch=rows, prepack=False)
+    unpacked = Engine(
+        load_model(), tokenizer, "base", adapters, max_batch=rows, prepack=False, autostart=False
+    )
     t0 = time.perf_counter()
     peft_model = peft.PeftModel.from_pretrained(load_model(), adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -251,6 +256,10 @@ def markdown(results: dict) -> str:
         f"32 distinct adapters {u['32 adapters']:.1f} tokens/s "
         f"({r['unpacked_distinct_32_vs_base']:.2f} of its base, {r['unpacked_distinct_32_vs_peft']:.2f}x peft).",
         f"Plain transformers `generate` on the base model: {results['transformers']['base']:.1f} tokens/s.",
+        f"Each adapter has {s['adapter_params'] / 1e6:.2f}M parameters; 32 distinct ones hold "
+        f"{32 * s['adapter_params'] / 1e6:.0f}M ({32 * s['adapter_params'] * 4 / 2**20:.0f} MiB in fp32, "
+        f"{32 * s['adapter_params'] / s['base_params']:.2f}x the base model's {s['base_params'] / 1e6:.0f}M), "
+        f"and every decode step of a 32-adapter batch has to read all of them.",
         f"The machine is shared: other threads runnable when a run started (0 = idle), per run: "
         f"{', '.join(str(x['other_threads_running_at_start']) for x in results['runs'])}.",
         "",
@@ -273,11 +282,11 @@ def plot(results: dict, path: Path) -> None:
     ax.bar([i - 0.2 for i in x], [results["engine"][k] for k in labels], 0.4, label="deltatune engine")
     ax.bar([i + 0.2 for i in x], [results["peft"][k] for k in labels], 0.4, label="peft mixed batch")
     ax.axhline(results["engine"]["base"], color="k", ls="--", lw=1, label="engine, base model only")
-    ax.set_xticks(list(x), [k.replace("adapters", "distinct adapters") for k in labels])
+    ax.set_xticks(list(x), ["1 adapter", "8 distinct adapters", "32 distinct adapters"])
     ax.set_ylabel("generated tokens / s")
     s = results["setup"]
     ax.set_title(f"{s['rows']} rows x {s['new_tokens']} tokens, rank-{s['rank']} LoRAs, SmolLM2-135M CPU")
-    ax.legend()
+    ax.legend(loc="lower left")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

@@ -202,9 +202,9 @@ def test_lru_eviction_under_a_tiny_budget(tokenizer, adapters):
 def test_engine_waits_for_pool_room_and_outputs_stay_right(tokenizer, adapters):
     budget = AdapterPool(tiny_base(), RowAdapters())
     budget.register("x", adapters["wide"])
-    engine = Engine(
+    engine = Engine(  # no scheduler thread: generate() runs the loop on this thread
         tiny_base(), tokenizer, "base", {"wide": adapters["wide"], "attn": adapters["attn"]},
-        adapter_budget_bytes=budget.used_bytes(),
+        adapter_budget_bytes=budget.used_bytes(), autostart=False,
     )  # fmt: skip
     try:
         done = engine.generate(

@@ -28,6 +28,8 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -357,6 +359,10 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(
     base: str,
     adapters: dict[str, Path],
@@ -366,14 +372,28 @@ def serve(
     allowed_adapter_dirs: Sequence[str | Path] = (),
     **engine_options,
 ) -> None:
-    """Load the base model and adapters, then serve until interrupted (blocks)."""
+    """Load the base model and adapters, then serve until interrupted (blocks).
+
+    The engine's scheduler runs on this (the main) thread and uvicorn on a second one: torch work
+    then stays on one thread, which keeps OpenMP fast (see `Engine.run`)."""
     import uvicorn
 
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use it", host)
-    engine = Engine.from_pretrained(base, adapters, **engine_options)
+    engine = Engine.from_pretrained(base, adapters, autostart=False, **engine_options)
+    app = create_app(engine, api_key=api_key, allowed_adapter_dirs=allowed_adapter_dirs)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    web = threading.Thread(target=server.run, name="deltatune-http", daemon=True)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM: the same clean stop as Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
+    web.start()
     try:
-        app = create_app(engine, api_key=api_key, allowed_adapter_dirs=allowed_adapter_dirs)
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        engine.run(until=lambda: not web.is_alive())
+    except KeyboardInterrupt:
+        pass
     finally:
+        server.should_exit = True
+        web.join(10)
         engine.shutdown()
+    if not server.started:
+        raise OSError(f"the HTTP server could not start on {host}:{port} (see the log above)")
