@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
-from deltatune.deltas.lora import _pattern_value
+from deltatune.deltas.lora import pattern_value
 
 
 class LohaConfig(DeltaConfig):
@@ -62,7 +62,7 @@ class LohaLinear(DeltaLayer):
 
 
 def patterned_rank_alpha(cfg: Any, r: int, alpha: float, path: str) -> tuple[int, float]:
-    return _pattern_value(cfg.rank_pattern, path, r), _pattern_value(cfg.alpha_pattern, path, alpha)
+    return pattern_value(cfg.rank_pattern, path, r), pattern_value(cfg.alpha_pattern, path, alpha)
 
 
 def lycoris_disk_config(peft_type: str, r: int, alpha: float, cfg: Any, paths: list[str], base_model) -> dict:

@@ -68,7 +68,7 @@ class LoraLinear(DeltaLayer):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
 
-def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
+def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path suffix (regex)."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", path):
@@ -88,8 +88,8 @@ class Lora(Method):
     def wrap(self, module: nn.Module, cfg: LoraConfig, path: str) -> DeltaLayer:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{self.name} targets nn.Linear; {path} is {type(module).__name__}")
-        r = _pattern_value(cfg.rank_pattern, path, cfg.lora_r)
-        alpha = _pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
+        r = pattern_value(cfg.rank_pattern, path, cfg.lora_r)
+        alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
         return self.layer_class(
             module, r, lora_scale(r, alpha, cfg.use_rslora), cfg.lora_dropout, cfg.lora_init
         )

@@ -35,6 +35,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deltatune.deltas.lora import pattern_value
 from deltatune.merge.config import MergeConfig, ParameterResolver
 from deltatune.merge.inputs import MergeInputs, MergeReport, layer_index, method_kwargs, torch_dtype
 from deltatune.merge.storage import MergeError, atomic_directory
@@ -67,14 +68,6 @@ class LoraAdapter:
     modules: dict[str, LoraFactors]
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern rule: a key matches a module path ending in it."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
 def load_lora(directory: Path) -> LoraAdapter:
     """Read a PEFT LoRA directory; anything but plain LoRA factors is an error naming the adapter."""
     directory = Path(directory)
@@ -101,7 +94,7 @@ def load_lora(directory: Path) -> LoraAdapter:
         if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
             raise MergeError(f"adapter {directory}: module {module} lacks a matching lora_A/lora_B pair")
         rank = ab["A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[module] = LoraFactors(ab["A"], ab["B"], float(scale))
     return LoraAdapter(directory, config, modules)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from deltatune.deltas import method_for_disk
-from deltatune.deltas.lora import _pattern_value, lora_scale
+from deltatune.deltas.lora import lora_scale, pattern_value
 from deltatune.formats.peft import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
 
@@ -105,7 +105,7 @@ def read_lora(path: str | Path) -> dict[str, LoraModuleWeights]:
                 f"{weights_file}: {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain"
             )
         r = a.shape[0]
-        scale = lora_scale(r, float(_pattern_value(alpha_pattern, module, alpha)), rslora)
+        scale = lora_scale(r, float(pattern_value(alpha_pattern, module, alpha)), rslora)
         modules[module] = LoraModuleWeights(a, b, scale)
     orphans = {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")} - set(modules)
     if orphans:
