@@ -358,7 +358,16 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
         summarize_kept(row, result["tasks"])
     three_way = [m for m in result["merges"] if m["space"] == "adapter" and m["min_kept"] is not None]
     best = max(three_way, key=lambda m: (m["min_kept"], m["mean_kept"]), default=None)
+    merge = {
+        "goal": f"best three-adapter merge keeps >= {GOAL_MERGE_KEPT:.0%} of every task's single-adapter score",
+        "best_method": best and best["method"],
+        "best_min_kept": best and best["min_kept"],
+        "best_mean_kept": best and best["mean_kept"],
+        "met": bool(best and best["min_kept"] >= GOAL_MERGE_KEPT),
+    }
     rows = result["compression"]
+    if not rows:
+        return {"merge": merge}
     least_loss = {  # per adapter: the least exact-match loss among settings of at least GOAL_RATIO
         t: min(
             (
@@ -373,13 +382,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
     vs_adapter = settings_meeting_goal(rows, "loss_points_vs_adapter")
     vs_raw = settings_meeting_goal(rows, "loss_points_vs_raw")
     return {
-        "merge": {
-            "goal": f"best three-adapter merge keeps >= {GOAL_MERGE_KEPT:.0%} of every task's single-adapter score",
-            "best_method": best and best["method"],
-            "best_min_kept": best and best["min_kept"],
-            "best_mean_kept": best and best["mean_kept"],
-            "met": bool(best and best["min_kept"] >= GOAL_MERGE_KEPT),
-        },
+        "merge": merge,
         "compression": {
             "goal": f">= {GOAL_RATIO:g}x at <= {GOAL_LOSS_POINTS:g} exact-match point lost, on every adapter",
             "settings_meeting_it_vs_adapter": vs_adapter,
@@ -401,6 +404,29 @@ def met_by(settings: list[str]) -> str:
 
 def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def compression_markdown(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "## (b) Compressing each adapter",
+        "",
+        "| adapter | setting | mode | size ratio | rel. error of ΔW | EM | adapter EM | loss vs adapter (points) | loss vs raw (points) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["compression"]:
+        vs_raw = "-" if r["loss_points_vs_raw"] is None else f"{r['loss_points_vs_raw']:+.0f}"
+        lines.append(
+            f"| {r['task']} | {r['setting']} | {r['lora_mode']} | {ratio(r['ratio'])} | {r['rel_error']:.3f} | "
+            f"{pct(r['exact_match'])} | {pct(r['adapter_exact_match'])} | {r['loss_points_vs_adapter']:+.0f} | {vs_raw} |"
+        )
+    return lines + [
+        "",
+        "size ratio = the adapter's A and B bytes / stored bytes (tensor bytes only, the library's report). "
+        "'factors' compresses A and B themselves (A includes its random initialisation), 'dense' compresses "
+        "ΔW = s·B·A; a raw dense ΔW is ~20x larger than the rank-16 factors. BitDelta runs without its "
+        "scale calibration (that needs calibration batches through the model). Rows are scored in fp32.",
+        "",
+    ]  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -449,42 +475,32 @@ def markdown(result: dict[str, Any]) -> str:
         "(linear and task arithmetic exact; the others SVD-truncated, error per module in the last column). "
         "Settings: " + "; ".join(f"{m['method']} {json.dumps(m['settings'])}" for m in result["merges"]),
         "",
-        "## (b) Compressing each adapter",
-        "",
-        "| adapter | setting | mode | size ratio | rel. error of ΔW | EM | adapter EM | loss vs adapter (points) | loss vs raw (points) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["compression"]:
-        vs_raw = "-" if r["loss_points_vs_raw"] is None else f"{r['loss_points_vs_raw']:+.0f}"
-        lines.append(
-            f"| {r['task']} | {r['setting']} | {r['lora_mode']} | {ratio(r['ratio'])} | {r['rel_error']:.3f} | "
-            f"{pct(r['exact_match'])} | {pct(r['adapter_exact_match'])} | {r['loss_points_vs_adapter']:+.0f} | {vs_raw} |"
-        )
-    g = result["goals"]
-    checks = result["precision_check"]
+    if result["compression"]:
+        lines += compression_markdown(result)
+    g, checks = result["goals"], result["precision_check"]
     lines += [
-        "",
-        "size ratio = the adapter's A and B bytes / stored bytes (tensor bytes only, the library's report). "
-        "'factors' compresses A and B themselves (A includes its random initialisation), 'dense' compresses "
-        "ΔW = s·B·A; a raw dense ΔW is ~20x larger than the rank-16 factors. BitDelta runs without its "
-        "scale calibration (that needs calibration batches through the model). Rows are scored in fp32.",
-        "",
         "## Goals",
         "",
         f"- Merge: {g['merge']['goal']}: **{'met' if g['merge']['met'] else 'not met'}** "
         f"(best: {g['merge']['best_method']}, min kept {pct(g['merge']['best_min_kept'])}, "
         f"mean kept {pct(g['merge']['best_mean_kept'])}).",
-        f"- Compression: {g['compression']['goal']}, against the unmerged adapter: "
-        + met_by(g["compression"]["settings_meeting_it_vs_adapter"])
-        + " Least loss at >= 10x per adapter: "
-        + ", ".join(
-            f"{t} {v[0]:+.0f} points ({v[1]})" if v else f"{t} -"
-            for t, v in g["compression"]["least_loss_vs_adapter_at_goal_ratio"].items()
-        )
-        + ".",
-        "- The same goal against the raw row (the uncompressed ΔW loaded the same way): "
-        + met_by(g["compression"]["settings_meeting_it_vs_raw"]),
-        f"- With {s['eval_items']} items one item is {100 / s['eval_items']:.0f} points, so '<= 1 point' means no item lost.",
+    ]
+    if "compression" in g:
+        lines += [
+            f"- Compression: {g['compression']['goal']}, against the unmerged adapter: "
+            + met_by(g["compression"]["settings_meeting_it_vs_adapter"])
+            + " Least loss at >= 10x per adapter: "
+            + ", ".join(
+                f"{t} {v[0]:+.0f} points ({v[1]})" if v else f"{t} -"
+                for t, v in g["compression"]["least_loss_vs_adapter_at_goal_ratio"].items()
+            )
+            + ".",
+            "- The same goal against the raw row (the uncompressed ΔW loaded the same way): "
+            + met_by(g["compression"]["settings_meeting_it_vs_raw"]),
+            f"- With {s['eval_items']} items one item is {100 / s['eval_items']:.0f} points, so '<= 1 point' means no item lost.",
+        ]  # fmt: skip
+    lines += [
         "- bf16 vs fp32 check on the first items of each task (same prediction text / same right-or-wrong): "
         + ", ".join(
             f"{c['task']} {c['same_predictions']}/{c['items']} / {c['same_verdicts']}/{c['items']}"
@@ -508,6 +524,7 @@ def main() -> None:
         "--check-items", type=int, default=8, help="items per task for the bf16 vs fp32 check"
     )
     parser.add_argument("--out", type=Path, default=OUT, help="where merge_quality.json/.md go")
+    parser.add_argument("--no-compress", action="store_true", help="part (a) only: skip compression")
     parser.add_argument(
         "--tables-only", action="store_true", help="rebuild goals and the .md from the existing JSON"
     )
@@ -533,7 +550,9 @@ def main() -> None:
             "command": "OMP_WAIT_POLICY=PASSIVE python benchmarks/merge.py"
             + (f" --steps {args.steps}" if args.steps != 30 else "")
             + (f" --eval-items {args.eval_items}" if args.eval_items != 50 else "")
-            + (f" --tasks {args.tasks}" if tasks != list(TASKS) else ""),
+            + (f" --tasks {args.tasks}" if tasks != list(TASKS) else "")
+            + (" --no-compress" if args.no_compress else "")
+            + (f" --out {args.out}" if args.out != OUT else ""),
             "steps": args.steps,
             "eval_items": args.eval_items,
             "max_new_tokens": scorer.max_new,
@@ -543,8 +562,10 @@ def main() -> None:
         "precision_check": check,
     }
     result |= part_a(scorer, tasks, adapters, args.steps)
-    loads.append(wait_for_quiet_cpu("compress"))
-    result["compression"] = part_b(scorer, tasks, adapters, result["own"])
+    result["compression"] = []
+    if not args.no_compress:
+        loads.append(wait_for_quiet_cpu("compress"))
+        result["compression"] = part_b(scorer, tasks, adapters, result["own"])
     result["load"] = loads
     result["wall_seconds"] = time.perf_counter() - started
     write_tables(result, args.out)

@@ -2,11 +2,13 @@
 
     python benchmarks/serve_throughput.py                 # 32 rows x 32 new tokens, 32 rank-16 LoRAs
     python benchmarks/serve_throughput.py --rows 8 --new-tokens 4 --repeats 1     # a smoke run
+    python benchmarks/serve_throughput.py --targets q_proj,v_proj --tag _qv      # attention-only LoRAs
 
 On the default model (SmolLM2-135M-Instruct, fp32, CPU), one batch of `rows` short chat prompts is
 generated greedily for exactly `new_tokens` tokens (stop tokens ignored, so every run does the same
 work), with the rows spread over 1, 8 and 32 distinct adapters. The adapters are random rank-16
-LoRAs on every linear layer (A, B ~ N(0, 0.02^2), alpha 32), written once in PEFT's format.
+LoRAs on every linear layer (A, B ~ N(0, 0.02^2), alpha 32), written once in PEFT's format;
+`--targets q_proj,v_proj` puts them on those layers only (peft's default targets for Llama models).
 
 Side by side, in generated tokens per second (prefill included, wall clock of the whole batch):
   - deltatune engine, base model only (all rows without adapter; same engine, same code path)
@@ -39,6 +41,7 @@ from transformers import GenerationConfig
 
 OUT = Path(__file__).resolve().parent / "out"
 TARGETS = {"distinct_32_vs_base": 0.8, "distinct_32_vs_peft": 3.0}
+ALL_LINEAR = "all-linear"
 TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bees", "glass", "comets"]
 
 
@@ -49,11 +52,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def make_adapters(model: nn.Module, root: Path, n: int, rank: int) -> dict[str, Path]:
-    """n random rank-`rank` LoRAs on every linear layer but the output head, in PEFT's format."""
+def make_adapters(
+    model: nn.Module, root: Path, n: int, rank: int, targets: str = ALL_LINEAR
+) -> dict[str, Path]:
+    """n random rank-`rank` LoRAs in PEFT's format, on every linear layer but the output head
+    (`targets="all-linear"`) or on the layers whose last name is in the comma-separated `targets`."""
+    wanted = None if targets == ALL_LINEAR else set(targets.split(","))
     linears = {
-        name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not model.lm_head
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and m is not model.lm_head
+        and (wanted is None or name.rsplit(".", 1)[-1] in wanted)
     }
+    if not linears:
+        raise SystemExit(f"--targets {targets!r} names no linear layer of the model")
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in linears})
     paths = {}
     for i in range(n):
@@ -147,7 +160,9 @@ def time_hf_generate(model, tokenizer, prompts, new_tokens, **kwargs) -> tuple[f
     return seconds, tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
-def run(rows: int, new_tokens: int, rank: int, repeats: int, workdir: Path, max_wait: float) -> dict:
+def run(
+    rows: int, new_tokens: int, rank: int, targets: str, repeats: int, workdir: Path, max_wait: float
+) -> dict:
     import peft
 
     from deltatune.models import load_model, load_tokenizer
@@ -155,13 +170,13 @@ def run(rows: int, new_tokens: int, rank: int, repeats: int, workdir: Path, max_
 
     tokenizer = load_tokenizer()
     plain = load_model()
-    adapters = make_adapters(plain, workdir, 32, rank)
+    adapters = make_adapters(plain, workdir, 32, rank, targets)
     names = list(adapters)
     prompts = chat_prompts(tokenizer, rows)
     tokens = rows * new_tokens
     configs = {"base": [None] * rows} | {f"{k} adapters": assignment(names, rows, k) for k in (1, 8, 32)}
     one = sum(t.numel() for t in load_file(adapters[names[0]] / "adapter_model.safetensors").values())
-    setup = dict(adapter_params=one, base_params=sum(p.numel() for p in plain.parameters()), rows=rows, new_tokens=new_tokens, rank=rank, repeats=repeats, threads=torch.get_num_threads(),
+    setup = dict(adapter_params=one, base_params=sum(p.numel() for p in plain.parameters()), rows=rows, new_tokens=new_tokens, rank=rank, targets=targets, repeats=repeats, threads=torch.get_num_threads(),
                  prompt_tokens=[len(p) for p in prompts], model="SmolLM2-135M-Instruct (default), fp32, CPU")  # fmt: skip
 
     t0 = time.perf_counter()
@@ -237,7 +252,7 @@ def markdown(results: dict) -> str:
     r = results["ratios"]
     lines = [
         f"Generated tokens/s, {s['rows']} rows x {s['new_tokens']} new tokens (greedy, prefill included), "
-        f"random rank-{s['rank']} all-linear LoRAs, {s['model']}, {s['threads']} threads. "
+        f"random rank-{s['rank']} LoRAs on {s.get('targets', ALL_LINEAR)} layers, {s['model']}, {s['threads']} threads. "
         f"Best of {s['repeats']} interleaved runs each.",
         "",
         "| batch | deltatune engine | peft mixed batch | engine / peft | engine / engine base | same text as peft |",
@@ -285,7 +300,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xticks(list(x), ["1 adapter", "8 distinct adapters", "32 distinct adapters"])
     ax.set_ylabel("generated tokens / s")
     s = results["setup"]
-    ax.set_title(f"{s['rows']} rows x {s['new_tokens']} tokens, rank-{s['rank']} LoRAs, SmolLM2-135M CPU")
+    ax.set_title(f"{s['rows']} rows x {s['new_tokens']} tokens, rank-{s['rank']} LoRAs on {s['targets']}")
     ax.legend(loc="lower left")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -298,6 +313,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--targets",
+        default=ALL_LINEAR,
+        help="'all-linear' or layer names, e.g. q_proj,v_proj (peft's default)",
+    )
+    parser.add_argument("--tag", default="", help="suffix of the output files, e.g. _qv")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--max-wait", type=float, default=150.0, help="seconds to wait for an idle machine, in all"
@@ -305,10 +326,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        results = run(args.rows, args.new_tokens, args.rank, args.repeats, Path(tmp), args.max_wait)
-    write_atomic(args.out / "serve_throughput.json", (json.dumps(results, indent=2) + "\n").encode())
-    write_atomic(args.out / "serve_throughput.md", markdown(results).encode())
-    plot(results, args.out / "serve_throughput.png")
+        results = run(
+            args.rows, args.new_tokens, args.rank, args.targets, args.repeats, Path(tmp), args.max_wait
+        )
+    stem = args.out / f"serve_throughput{args.tag}"
+    write_atomic(stem.with_suffix(".json"), (json.dumps(results, indent=2) + "\n").encode())
+    write_atomic(stem.with_suffix(".md"), markdown(results).encode())
+    plot(results, stem.with_suffix(".png"))
     print(markdown(results))
 
 
