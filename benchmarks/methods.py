@@ -61,13 +61,30 @@ LEARNING_RATES: dict[str, float] = {
 
 
 def run_one(config: dict) -> dict:
-    """Train in a fresh process; returns the run's summary.json plus its adapter's size and report."""
+    """Train in a fresh process; returns the run's summary.json plus its adapter's size and report.
+
+    A run directory that already holds a summary.json written for the same config (an earlier,
+    interrupted invocation, with --resume) is read back instead of trained again."""
     out = Path(config["output"])
+    if (out / "summary.json").is_file() and same_settings(out / "config.json", config):
+        return read_run(out)
     code = "import json, sys, deltatune; deltatune.train(json.loads(sys.argv[1]))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": " | ".join(tail)}
+    return read_run(out)
+
+
+def same_settings(saved_config: Path, config: dict) -> bool:
+    """Did the run that wrote `saved_config` (the loop's resolved config.json) use `config`?"""
+    if not saved_config.is_file():
+        return False
+    saved = json.loads(saved_config.read_text())
+    return all(saved.get(key) == value for key, value in config.items())
+
+
+def read_run(out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text())
     adapter = out / "adapter"
     summary["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir() if f.is_file())
@@ -185,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--resume",
+        metavar="NAME",
+        help="reuse runs/NAME (e.g. methods-20261122-234300): finished runs are read back",
+    )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "precision": args.precision,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.resume or "methods-" + time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for method in methods:
         lr = LEARNING_RATES[method]
@@ -221,14 +243,18 @@ def main(argv: list[str] | None = None) -> None:
                 "precision": args.precision,
                 "warmup_steps": min(10, args.steps // 10),
                 "save_every": 0,
-                "output": str(args.out / "runs" / f"methods-{stamp}" / f"{method}-{task}"),
+                "output": str(args.out / "runs" / stamp / f"{method}-{task}"),
             }
             t0 = time.perf_counter()
             runs[task] = run_one(config)
             status = runs[task].get("error") or f"EM {runs[task]['eval'][task]['after']:.2f}"
             print(f"{method:16s} {task:10s} {time.perf_counter() - t0:7.1f}s  {status}", flush=True)
         rows.append(row_for(method, FAMILIES[method], lr, runs))
-    command = "python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    if args.resume:  # the command that reproduces the table does not need the resume flag
+        i = given.index("--resume")
+        given = given[:i] + given[i + 2 :]
+    command = "python benchmarks/methods.py " + " ".join(given)
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"command": command.strip(), "settings": meta, "tasks": tasks, "methods": rows}
     (args.out / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
