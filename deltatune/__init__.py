@@ -14,32 +14,46 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from deltatune.deltas import add_delta, merge_into_base
-from deltatune.formats.peft import load_delta, save_delta
-
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
     from transformers import PreTrainedModel
 
 __version__ = "0.1.0"
 __all__ = ["add_delta", "load", "merge_delta", "save_delta", "train"]
 
+# Imported on first use, so `deltatune --help` and `import deltatune` do not pay for torch.
+_LAZY = {"add_delta": "deltatune.deltas", "save_delta": "deltatune.formats.peft"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
 
 def load(
     base: str | os.PathLike | nn.Module | None = None,
     adapter: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A transformers model (name, directory or instance) with the adapter at `adapter` attached."""
+    """A transformers model (name, directory or instance) with the adapter at `adapter` attached.
+
+    `dtype` defaults to float32 for a model loaded here; an instance keeps its own."""
+    import torch
+    from torch import nn
+
+    from deltatune.formats.peft import load_delta
+
     if isinstance(base, nn.Module):
         model = base
     else:
         from deltatune.models import load_model
 
-        model = load_model(base, dtype=dtype, device=device)
+        model = load_model(base, dtype=dtype or torch.float32, device=device)
     if adapter is not None:
         load_delta(model, adapter)
         model.to(device)
@@ -48,6 +62,8 @@ def load(
 
 def merge_delta(model: nn.Module) -> nn.Module:
     """Fold the attached delta into the base weights; returns a plain transformers model."""
+    from deltatune.deltas import merge_into_base
+
     return merge_into_base(model)
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.masking_utils import find_packed_sequence_indices
 
 from deltatune.deltas.base import DeltaLayer
 
@@ -152,6 +151,8 @@ def _extend_mask(
     mask: torch.Tensor | None, positions: torch.Tensor | None, batch: int, length: int, n: int, config: Any
 ) -> torch.Tensor | None:
     if mask is None:
+        from transformers.masking_utils import find_packed_sequence_indices  # pulls in torch._dynamo: ~2 s
+
         packed = None if positions is None else find_packed_sequence_indices(positions.expand(batch, -1))
         if packed is None:
             return None  # plain causal attention already sees the whole prefix
