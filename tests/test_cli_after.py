@@ -20,15 +20,29 @@ def test_extract_compress_decompress_via_cli(tmp_path):
     tuned.save_pretrained(tmp_path / "tuned")
     runner = CliRunner()
 
-    res = runner.invoke(app, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "lora"),
-                              "--rank", "2"])
+    res = runner.invoke(
+        app,
+        ["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), str(tmp_path / "lora"), "--rank", "2"],
+    )
     assert res.exit_code == 0, res.output
     ids = torch.randint(0, 49152, (1, 8))
-    extracted = deltatune.load(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter=tmp_path / "lora")
+    extracted = deltatune.load(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter=tmp_path / "lora"
+    )
     torch.testing.assert_close(extracted(ids).logits, tuned.eval()(ids).logits, atol=1e-4, rtol=0)
 
-    res = runner.invoke(app, ["compress", str(tmp_path / "lora"), str(tmp_path / "small"), "--method", "compeft",
-                              "--param", "density=0.5"])
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            str(tmp_path / "lora"),
+            str(tmp_path / "small"),
+            "--method",
+            "compeft",
+            "--param",
+            "density=0.5",
+        ],
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["decompress", str(tmp_path / "small"), str(tmp_path / "back")])
     assert res.exit_code == 0 and (tmp_path / "back").is_dir(), res.output

@@ -17,7 +17,9 @@ def test_default_model_is_offline_llama():
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     tok = load_tokenizer()
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
+        "<|im_start|>"
+    )
 
 
 def test_uncached_hub_id_is_a_clear_error():
@@ -39,7 +41,15 @@ def test_real_model_adapter_roundtrip_with_peft(tmp_path):
 
 def test_short_lora_run_beats_the_base_model(tmp_path):
     """A shortened main job: LoRA on word reversal must gain at least 30 exact-match points."""
-    summary = deltatune.train(dict(task="reversal", max_steps=25, train_samples=400, eval_samples=40,
-                                   save_every=0, output=str(tmp_path / "run")))
+    summary = deltatune.train(
+        dict(
+            task="reversal",
+            max_steps=25,
+            train_samples=400,
+            eval_samples=40,
+            save_every=0,
+            output=str(tmp_path / "run"),
+        )
+    )
     res = summary["eval"]["reversal"]
     assert res["after"] - res["before"] >= 0.30, res
