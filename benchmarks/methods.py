@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         help="reuse runs/NAME (e.g. methods-20261122-234300): finished runs are read back",
     )
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()  # run dirs are compared by their absolute path on --resume
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
