@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -92,7 +93,20 @@ def read_run(out: Path) -> dict:
     return summary
 
 
-def row_for(method: str, family: str, lr: float, runs: dict[str, dict]) -> dict:
+def base_param_count(model: str) -> int:
+    """Parameters of the base model, read from its safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    from deltatune.models import resolve
+
+    total = 0
+    for file in sorted(Path(resolve(model)).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
+    return total
+
+
+def row_for(method: str, family: str, lr: float, runs: dict[str, dict], base_params: int) -> dict:
     ok = [r for r in runs.values() if "error" not in r]
     row = {"method": method, "family": family, "learning_rate": lr, "tasks": {}}
     for task, r in runs.items():
@@ -108,10 +122,9 @@ def row_for(method: str, family: str, lr: float, runs: dict[str, dict]) -> dict:
     if ok:
         first = ok[0]
         trainable = first["trainable_params"]
-        base = first["total_params"] - trainable  # total counts the delta's parameters too
         row |= {
             "trainable_params": trainable,
-            "trainable_percent": 100.0 * trainable / base,
+            "trainable_percent": 100.0 * trainable / base_params,
             "tokens_per_second": sum(r["tokens_per_second"] for r in ok) / len(ok),
             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ok),
             "adapter_bytes": first["adapter_bytes"],
@@ -224,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "precision": args.precision,
     }
+    base_params = base_param_count(args.model)
     stamp = args.resume or "methods-" + time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for method in methods:
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             runs[task] = run_one(config)
             status = runs[task].get("error") or f"EM {runs[task]['eval'][task]['after']:.2f}"
             print(f"{method:16s} {task:10s} {time.perf_counter() - t0:7.1f}s  {status}", flush=True)
-        rows.append(row_for(method, FAMILIES[method], lr, runs))
+        rows.append(row_for(method, FAMILIES[method], lr, runs, base_params))
     given = sys.argv[1:] if argv is None else argv
     if args.resume:  # the command that reproduces the table does not need the resume flag
         i = given.index("--resume")
