@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune
+from deltatune import attention
 from deltatune.config import ConfigError, build_config
 from deltatune.deltas import (
     FAMILIES,
@@ -149,8 +150,10 @@ def test_unmergeable_methods_say_so(method):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_one_training_step_moves_only_the_delta(method):
-    """The training loop's contract: bf16 base, fp32 delta, autocast, the backbone-level loss."""
+    """The training loop's contract: bf16 base, fp32 delta, autocast, the backbone-level loss, and
+    the loop's packed attention (prefix methods fall back to SDPA with a block-diagonal mask)."""
     model = tiny().to(torch.bfloat16)
+    assert attention.use_packed_attention(model)
     deltatune.add_delta(model, method, **SMALL.get(method, {}))
     params = named_delta_parameters(model)
     for p in params.values():
@@ -300,18 +303,23 @@ def test_vera_projections_are_shared_and_moved_once():
 # --- input deltas -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packed_attention", [False, True])
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "ptuning_v2"])
-def test_prefix_sees_each_packed_sample_like_a_separate_one(method):
-    """A packed row (restarting position ids) equals each sample run alone, prefix included."""
+def test_prefix_sees_each_packed_sample_like_a_separate_one(method, packed_attention):
+    """A packed row (restarting position ids) equals each sample run alone, prefix included, under
+    SDPA and under the training loop's packed attention."""
     model = attach(method)
+    if packed_attention:
+        assert attention.use_packed_attention(model)
     randomize(model)
     a = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     b = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
     row = torch.cat([a, b], dim=1)
     positions = torch.cat([torch.arange(6), torch.arange(5)])[None]
-    packed = model.base_model(input_ids=row, position_ids=positions, use_cache=False).last_hidden_state
+    layout = {"packed_layout": attention.packed_layout(positions)} if packed_attention else {}  # as the loop
+    packed = model.base_model(input_ids=row, position_ids=positions, use_cache=False, **layout)
     alone = [model.base_model(input_ids=x, use_cache=False).last_hidden_state for x in (a, b)]
-    torch.testing.assert_close(packed, torch.cat(alone, dim=1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.last_hidden_state, torch.cat(alone, dim=1), atol=1e-5, rtol=0)
     plain = tiny().base_model(input_ids=a).last_hidden_state
     assert (alone[0] - plain).abs().max() > 1e-3
 

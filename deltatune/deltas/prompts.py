@@ -176,8 +176,10 @@ def _extend_mask(
 
 def _as_attention_mask(allowed: torch.Tensor, config: Any) -> torch.Tensor:
     """A boolean [B, 1, q, kv] mask in the form the configured attention implementation expects."""
+    from deltatune.attention import NAME as PACKED  # its rows carry a prefix, so it falls back to SDPA
+
     impl = config._attn_implementation
-    if impl == "sdpa":
+    if impl in ("sdpa", PACKED):
         return allowed
     if impl == "eager":
         return (
