@@ -1,7 +1,8 @@
 """The method zoo side by side: every method trained on the default model, on two built-in tasks.
 
-    python benchmarks/methods.py                           # all methods, reversal + addition, 150 steps
+    python benchmarks/methods.py                           # the README table: 21 methods x 2 tasks, ~2 h
     python benchmarks/methods.py --steps 2 --methods lora,ia3 --tasks reversal   # a smoke run
+    python benchmarks/methods.py --resume methods-20261122-234344                 # finish or re-read a table
 
 Each (method, task) run is one `deltatune.train` call in its own subprocess, so the peak memory
 (`ru_maxrss`) is that run's alone; all runs share the step budget, batch, data and seed and differ
@@ -204,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     from deltatune.deltas import FAMILIES, METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=36)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
     parser.add_argument("--tasks", default="reversal,addition", help="comma-separated built-in tasks")
     parser.add_argument("--model", default="default")
     parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--eval-samples", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
