@@ -13,13 +13,12 @@ biases. Where no switch exists, export refuses rather than write a model that lo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from deltatune.atomic import atomic_directory
 from deltatune.deltas import merge_into_base
 from deltatune.formats.peft import load_delta
 from deltatune.models import load_model, load_tokenizer
@@ -32,15 +31,9 @@ def export_merged(base: str, adapter: str | os.PathLike, out: str | os.PathLike)
     model = load_model(base, dtype=torch.float32)
     merge_into_base(load_delta(model, adapter))
     declare_new_biases(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(base).save_pretrained(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,3 +19,14 @@ def tiny_model():
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny model's 64-wide matmuls gain nothing from intra-op threads, and on a shared CPU
+    OpenMP's barriers then cost far more than the work; one thread keeps these tests fast.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -28,6 +28,7 @@ from deltatune.evaluate import generate as reference_generate
 from deltatune.models import load_model, load_tokenizer, tiny_llama
 from deltatune.serve import Engine, create_app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "test-key-123"
 BASE = "tiny-base"
 MAX_TOKENS = 10
@@ -62,16 +63,6 @@ def _make_adapters(root: Path) -> dict[str, Path]:
     deltatune.save_delta(model, root / OURS)
     paths[OURS] = root / OURS
     return paths
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's 64-wide matmuls gain nothing from intra-op threads, and on a shared CPU
-    OpenMP's barriers then cost far more than the work; one thread keeps these tests fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters
 from deltatune.serve.pool import AdapterPool, PoolBusyError
 from deltatune.serve.sampling import TextStream, top_p_filter
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[{"role": "user", "content": f"Tell me about the number {k}."}] for k in range(3)]
 
 
@@ -29,16 +30,6 @@ def tiny_base():
     """A tiny random Llama initialised 10x wider than usual: its attention is sharp enough that the
     output depends on the whole prompt, so a corrupted KV cache changes the text."""
     return tiny_llama(seed=0, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's 64-wide matmuls gain nothing from intra-op threads, and on a shared CPU
-    OpenMP's barriers then cost far more than the work; one thread keeps these tests fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

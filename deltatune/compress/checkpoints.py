@@ -13,12 +13,10 @@ alpha / r (alpha / sqrt(r) with rsLoRA; per-module alpha from PEFT's `alpha_patt
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from deltatune.atomic import atomic_directory
 from deltatune.deltas.base import PEFT_PREFIX
 from deltatune.deltas.lora import lora_scale
 from deltatune.formats.peft import read_adapter
@@ -203,23 +202,9 @@ def read_lora(adapter_dir: Path) -> tuple[dict[str, Any], list[LoraModule]]:
 # --- atomic output ------------------------------------------------------------------------------------
 
 
-@contextmanager
-def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp directory next to `out`; on success it replaces `out` in one rename."""
+def output_directory(out: Path, overwrite: bool = False) -> AbstractContextManager[Path]:
+    """`atomic_directory(out)`, refused if `out` holds something and `overwrite` is not set."""
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_directory(out)

@@ -115,7 +115,7 @@ def entry_dense(entry: TensorEntry, parts: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def write_fields(directory: Path, fields: dict[str, torch.Tensor]) -> int:
-    """Write the fields file into `directory` (made atomic by atomic_directory); returns its size."""
+    """Write the fields file into `directory` (made atomic by output_directory); returns its size."""
     path = directory / COMPRESSED_WEIGHTS
     save_file(
         {k: v.contiguous() for k, v in fields.items()}, path, metadata={"format": "pt", "deltatune": FORMAT}

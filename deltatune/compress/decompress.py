@@ -26,9 +26,9 @@ from deltatune.compress.base import Fields
 from deltatune.compress.checkpoints import (
     SINGLE_FILE,
     DeltaInputError,
-    atomic_directory,
     copy_model_extras,
     open_checkpoint,
+    output_directory,
 )
 from deltatune.compress.container import (
     COMPRESSED_WEIGHTS,
@@ -118,6 +118,6 @@ def decompress(
     """
     src, out = Path(src), Path(out)
     config, stored = read_compressed(src)
-    with atomic_directory(out, overwrite) as tmp:
+    with output_directory(out, overwrite) as tmp:
         WRITERS[config.layout](config, stored, src, tmp, None if base is None else str(base))
     return out

@@ -30,9 +30,9 @@ from torch import nn
 
 from deltatune.compress.checkpoints import (
     DeltaInputError,
-    atomic_directory,
     check_same_tensors,
     open_checkpoint,
+    output_directory,
 )
 from deltatune.compress.lowrank import SvdMethod, top_singular
 from deltatune.compress.reports import ExtractionReport, ModuleExtraction, SkippedTensor
@@ -128,7 +128,7 @@ def extract_lora(
     lora_config = LoraConfig(lora_r=rank, lora_alpha=float(rank), target_modules=paths)
     adapter_config = Lora().disk_config(lora_config, paths, str(base_dir.resolve()))
     adapter_config["target_modules"] = paths
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with output_directory(out_dir, overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     return ExtractionReport(

@@ -34,9 +34,9 @@ from deltatune.compress.checkpoints import (
     DeltaInputError,
     LoraModule,
     TensorReader,
-    atomic_directory,
     check_same_tensors,
     open_checkpoint,
+    output_directory,
     read_json,
     read_lora,
 )
@@ -270,7 +270,7 @@ def compress(
         tensors=encoded.entries,
     )
     rows = list(encoded.rows.values())
-    with atomic_directory(Path(out), overwrite) as tmp:
+    with output_directory(Path(out), overwrite) as tmp:
         file_bytes = write_fields(tmp, encoded.flat_fields())
         report = CompressionReport(
             method=method,

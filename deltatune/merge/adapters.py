@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from deltatune.deltas.lora import pattern_value
 from deltatune.merge.config import MergeConfig, ParameterResolver
 from deltatune.merge.inputs import MergeInputs, MergeReport, layer_index, method_kwargs, torch_dtype
-from deltatune.merge.storage import MergeError, atomic_directory
+from deltatune.merge.storage import MergeError, output_directory
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -229,7 +229,7 @@ def merge_adapters(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path) -> Merg
         tensors[f"{prefix}.lora_B.weight"] = b.to(out_dtype).contiguous()
 
     config = _output_config(adapters, list(shapes), rank)
-    with atomic_directory(out_dir) as tmp:
+    with output_directory(out_dir) as tmp:
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         written = (tmp / ADAPTER_WEIGHTS).stat().st_size

@@ -46,9 +46,9 @@ from deltatune.merge.inputs import (
 from deltatune.merge.storage import (
     ModelFiles,
     ShardedWriter,
-    atomic_directory,
     check_compatible,
     copy_side_files,
+    output_directory,
 )
 
 CHUNK_ELEMENTS = 1 << 18
@@ -85,7 +85,7 @@ def _merge_models(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path, threads:
     entries = [(n, dtype_of(n), reference.tensors[n].shape) for n in names]
 
     groups = _layer_groups(names, lambda n: reference.tensors[n].numel)
-    with atomic_directory(out_dir) as tmp:
+    with output_directory(out_dir) as tmp:
         writer = ShardedWriter(tmp, entries, parse_size(cfg.shard_size))
 
         def merge_group(group: Sequence[str]) -> int:

@@ -19,15 +19,16 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from deltatune.atomic import atomic_directory
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -263,22 +264,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-@contextmanager
-def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `out_dir`; rename it into place on success, else delete it."""
+def output_directory(out_dir: Path) -> AbstractContextManager[Path]:
+    """`atomic_directory(out_dir)`, refused if `out_dir` exists and is not an empty directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise MergeError(f"output directory {out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return atomic_directory(out_dir)
 
 
 def copy_side_files(source: Path, target: Path, dtype: torch.dtype | None) -> list[str]:
