@@ -51,10 +51,10 @@ import yaml
 
 import deltatune
 from deltatune.compress import compress, load_delta_into
-from deltatune.evaluate import EvalItem, eval_items_from_task, exact_match_score
 from deltatune.export import export_merged
 from deltatune.merge import run_merge
 from deltatune.models import load_model, load_tokenizer, resolve
+from deltatune.train.evaluate import EvalItem, eval_items_from_task, exact_match_score
 
 OUT = Path(__file__).resolve().parent / "out"
 WORK = OUT / "merge"

@@ -87,7 +87,7 @@ def make_adapters(
 
 
 def chat_prompts(tokenizer, rows: int) -> list[list[int]]:
-    from deltatune.evaluate import prompt_ids
+    from deltatune.data.tokenize import prompt_ids
 
     return [
         prompt_ids(
@@ -146,7 +146,7 @@ def time_engine(engine, prompts, adapters, new_tokens) -> tuple[float, list[str]
 
 
 def time_hf_generate(model, tokenizer, prompts, new_tokens, **kwargs) -> tuple[float, list[str]]:
-    from deltatune.evaluate import left_pad
+    from deltatune.data.tokenize import left_pad
 
     pad = tokenizer.pad_token_id
     ids, mask = left_pad(prompts, pad)

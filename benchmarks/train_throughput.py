@@ -60,7 +60,7 @@ WORDS = [
 
 
 def make_data(path: Path, n: int, seed: int) -> None:
-    from deltatune.tasks import TASKS, examples
+    from deltatune.data.tasks import TASKS, examples
 
     rng = random.Random(seed)
     rows = []

@@ -24,12 +24,15 @@ __all__ = ["add_delta", "load", "merge_delta", "save_delta", "train"]
 
 # Imported on first use, so `deltatune --help` and `import deltatune` do not pay for torch.
 _LAZY = {"add_delta": "deltatune.deltas", "save_delta": "deltatune.formats.peft"}
+# `deltatune.train(config)` is the train/ package itself, which is callable (see its docstring).
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "train":
+        return importlib.import_module("deltatune.train")
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
 
@@ -65,10 +68,3 @@ def merge_delta(model: nn.Module) -> nn.Module:
     from deltatune.deltas import merge_into_base
 
     return merge_into_base(model)
-
-
-def train(config: Any) -> dict:
-    """Run the training loop for a TrainConfig (or a dict of config keys); returns the summary."""
-    from deltatune.training import run
-
-    return run(config)

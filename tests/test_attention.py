@@ -5,7 +5,7 @@ import torch
 from deltatune import attention
 from deltatune.deltas import add_delta, named_delta_parameters
 from deltatune.models import tiny_llama
-from deltatune.training import CausalLMLoss
+from deltatune.train.loop import CausalLMLoss
 
 
 def _batch():

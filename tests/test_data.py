@@ -89,7 +89,7 @@ def test_train_on_prompt_labels_every_token_but_the_first(tok):
 
 
 def test_task_samples_target_the_answer(tok):
-    from deltatune.tasks import examples
+    from deltatune.data.tasks import examples
 
     samples = task_samples("addition", "train", 5, tok, seed=3)
     for ex, sample in zip(examples("addition", "train", 5, seed=3), samples, strict=True):

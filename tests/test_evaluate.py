@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from deltatune.data import DataError
-from deltatune.evaluate import (
+from deltatune.data.tasks import TASKS, examples
+from deltatune.data.tokenize import prompt_ids
+from deltatune.models import load_tokenizer, tiny_llama
+from deltatune.train.evaluate import (
     EvalItem,
     eval_items_from_file,
     eval_items_from_task,
     exact_match_score,
     generate,
-    prompt_ids,
 )
-from deltatune.models import load_tokenizer, tiny_llama
-from deltatune.tasks import TASKS, examples
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 import deltatune
 from deltatune import attention
-from deltatune.config import ConfigError, build_config
 from deltatune.deltas import (
     FAMILIES,
     METHODS,
@@ -20,10 +19,11 @@ from deltatune.deltas import (
     named_delta_parameters,
     set_merged,
 )
-from deltatune.evaluate import generate
 from deltatune.formats.peft import save_delta
 from deltatune.models import load_tokenizer, tiny_llama
-from deltatune.training import CausalLMLoss
+from deltatune.train.config import ConfigError, build_config
+from deltatune.train.evaluate import generate
+from deltatune.train.loop import CausalLMLoss
 
 VOCAB = 1024
 SMALL = {  # configs that fit the tiny model (and keep the tests fast)

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a live uvicorn server.
 
 Oracle: single-adapter greedy generation with plain transformers + the adapter loaded on its own
-(`deltatune.evaluate.generate`, what `deltatune generate` runs). The adapters are made by peft with
+(`deltatune.train.evaluate.generate`, what `deltatune generate` runs). The adapters are made by peft with
 random A and B (and one by deltatune itself), with different ranks, targets, alpha, rsLoRA and a
 rank_pattern, so a mixed batch has to get every row's own low-rank update right.
 """
@@ -24,9 +24,9 @@ import torch
 import uvicorn
 
 import deltatune
-from deltatune.evaluate import generate as reference_generate
 from deltatune.models import load_model, load_tokenizer, tiny_llama
 from deltatune.serve import Engine, create_app
+from deltatune.train.evaluate import generate as reference_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "test-key-123"

@@ -1,7 +1,7 @@
 """The serving engine without HTTP: per-row LoRA math, sampling helpers, the pool, continuous batching.
 
 Oracles: the LoRA formula written out row by row, hand-computed nucleus probabilities, and
-single-adapter greedy generation with transformers (`deltatune.evaluate.generate`).
+single-adapter greedy generation with transformers (`deltatune.train.evaluate.generate`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.evaluate import generate as reference_generate
 from deltatune.formats.peft import AdapterError
 from deltatune.models import load_tokenizer, tiny_llama
 from deltatune.serve import Engine, SamplingParams
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters
 from deltatune.serve.pool import AdapterPool, PoolBusyError
 from deltatune.serve.sampling import TextStream, top_p_filter
+from deltatune.train.evaluate import generate as reference_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[{"role": "user", "content": f"Tell me about the number {k}."}] for k in range(3)]

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from deltatune.tasks import TASKS, exact_match, examples, get_task, normalize_answer, split_of
+from deltatune.data.tasks import TASKS, exact_match, examples, get_task, normalize_answer, split_of
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 import deltatune
 from deltatune.cli import app
-from deltatune.config import ConfigError, build_config, load_config, parse_overrides
 from deltatune.models import load_tokenizer, tiny_llama
-from deltatune.training import CausalLMLoss, TrainingDiverged, lr_factor, param_groups, rows_for_step
+from deltatune.train.config import ConfigError, build_config, load_config, parse_overrides
+from deltatune.train.loop import CausalLMLoss, TrainingDiverged, lr_factor, param_groups, rows_for_step
 
 FAST = dict(
     task="addition",
@@ -346,7 +346,7 @@ def test_generate_and_eval_cli(tmp_path, tiny_dir):
     res = runner.invoke(app, ["generate", "What is 2+2?", "--model", str(tiny_dir), "--max-new-tokens", "4"])
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    from deltatune.evaluate import generate
+    from deltatune.train.evaluate import generate
 
     expected = generate(
         model, load_tokenizer(str(tiny_dir)), [[{"role": "user", "content": "What is 2+2?"}]], 4

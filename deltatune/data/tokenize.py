@@ -24,11 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deltatune.data.packing import IGNORE_INDEX, Sample
 from deltatune.data.readers import DataError, Record, read_records
-from deltatune.tasks import Split, examples
+from deltatune.data.tasks import Split, examples
 
 SENTINEL = "Deltatune-sentinel-answer"
 
@@ -250,3 +251,24 @@ def task_samples(
         _to_sample({"messages": ex.messages()}, tokenizer, False, stop_ids)
         for ex in examples(task, split, n, seed=seed, **difficulty)
     ]
+
+
+Prompt = str | list[dict[str, str]]  # messages -> chat template + generation prompt; str -> raw
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt, the same way training tokenizes the context before a target."""
+    if isinstance(prompt, str):
+        return encode_text(tokenizer, prompt, add_special_tokens=True)
+    return encode_text(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-align token rows: (input_ids, attention_mask), both [len(rows), longest]."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row) :] = 1
+    return input_ids, attention_mask

@@ -24,7 +24,7 @@ weight in oneDNN's blocked layout and runs through it: on this project's AMD CPU
 faster than `F.linear` at serving batch sizes, for a second copy of the linear weights in memory.
 It changes results by float rounding only (as batching itself does).
 
-Prompts are tokenized exactly as `deltatune generate` does (`deltatune.evaluate.prompt_ids`), and
+Prompts are tokenized exactly as `deltatune generate` does (`deltatune.data.tokenize.prompt_ids`), and
 generation stops at the same tokens (EOS plus the chat template's end-of-turn token), so greedy
 output for a request equals `deltatune generate` with that adapter. Results reach the caller through
 an `on_event` callback (called on the scheduler thread; it must not block) and `Request.wait()`.
@@ -45,8 +45,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from deltatune.data.tokenize import stop_token_ids
-from deltatune.evaluate import left_pad, prompt_ids
+from deltatune.data.tokenize import left_pad, prompt_ids, stop_token_ids
 from deltatune.serve.kv import BatchKV, prefill_positions
 from deltatune.serve.lora_batch import RowAdapters
 from deltatune.serve.pool import AdapterPool, PoolBusyError, UnknownAdapterError

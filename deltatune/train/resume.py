@@ -26,9 +26,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.config import ConfigError
 from deltatune.deltas import named_delta_state
 from deltatune.formats.peft import save_delta
+from deltatune.train.config import ConfigError
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"

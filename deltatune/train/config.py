@@ -27,7 +27,7 @@ class TrainConfig(BaseModel):
     # what to train
     model: str = "default"
     method: str = "lora"
-    task: str | None = None  # a built-in task (deltatune.tasks); used when `data` is not given
+    task: str | None = None  # a built-in task (deltatune.data.tasks); used when `data` is not given
     data: str | None = None  # jsonl / json / csv / parquet file
     eval_data: str | None = None
     train_samples: int = Field(3000, ge=1)

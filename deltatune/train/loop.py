@@ -35,11 +35,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from deltatune import attention, checkpoints
-from deltatune.config import TrainConfig, build_config
+from deltatune import attention
 from deltatune.deltas import add_delta, named_delta_parameters
 from deltatune.formats.peft import save_delta, write_json
 from deltatune.models import load_model, load_tokenizer
+from deltatune.train import resume
+from deltatune.train.config import TrainConfig, build_config
 
 
 class TrainingDiverged(RuntimeError):
@@ -165,7 +166,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def build_data(cfg: TrainConfig, tokenizer):
     """Packed train rows, packed eval rows (for eval loss) and exact-match eval items."""
     from deltatune.data import load_samples, pack, task_samples
-    from deltatune.evaluate import eval_items_from_file, eval_items_from_task
+    from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task
 
     if cfg.data:
         train = load_samples(cfg.data, tokenizer, cfg.train_on_prompt)
@@ -184,7 +185,7 @@ def build_data(cfg: TrainConfig, tokenizer):
 
 
 def exact_match(model, tokenizer, items: dict, cfg: TrainConfig, autocast: dict) -> dict[str, float]:
-    from deltatune.evaluate import exact_match_score
+    from deltatune.train.evaluate import exact_match_score
 
     model.eval()
     with torch.no_grad(), torch.autocast(**autocast):
@@ -243,7 +244,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
     attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
     if is_main:
-        checkpoints.prepare_output(out, cfg.resume)
+        resume.prepare_output(out, cfg.resume)
         write_json(out / "config.json", cfg.to_dict())
     if is_main:
         stats = train_rows.stats
@@ -252,7 +253,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             f"{stats.efficiency:.1%} filled, {stats.truncated_samples} truncated"
         )
 
-    resume_from = checkpoints.latest(out) if cfg.resume else None
+    resume_from = resume.latest(out) if cfg.resume else None
     before = (
         exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
     )
@@ -269,7 +270,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
 
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
     if resume_from is not None:
-        state = checkpoints.load(resume_from, model, optimizer, rank)
+        state = resume.load(resume_from, model, optimizer, rank)
         start_step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         before = state["eval_before"]
         if is_main:
@@ -283,7 +284,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
     metrics_file = out / "metrics.jsonl"
     if is_main:
-        checkpoints.truncate_metrics(metrics_file, start_step)
+        resume.truncate_metrics(metrics_file, start_step)
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     step, last_loss = start_step, float("nan")
     run_start = time.perf_counter()
@@ -352,7 +353,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
                 "train_seconds": train_seconds,
                 "eval_before": before,
             }
-            checkpoints.save(out, model, optimizer, state, cfg.keep_checkpoints, rank, world)
+            resume.save(out, model, optimizer, state, cfg.keep_checkpoints, rank, world)
     bar.close()
 
     summary: dict[str, Any] = {}

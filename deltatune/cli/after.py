@@ -18,7 +18,7 @@ def _fail(err: Exception) -> None:
 
 
 def _key_values(items: list[str], what: str) -> dict[str, object]:
-    from deltatune.config import _yaml_scalar
+    from deltatune.train.config import _yaml_scalar
 
     out: dict[str, object] = {}
     for item in items:

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli_after import register as register_after_training
+from deltatune.cli.after import register as register_after_training
 
 app = typer.Typer(
     add_completion=False,
@@ -33,11 +33,11 @@ def _fail(err: Exception) -> None:
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
-    from deltatune.config import ConfigError
     from deltatune.data import DataError
     from deltatune.formats.peft import AdapterError
     from deltatune.models import ModelNotFoundError
-    from deltatune.training import TrainingDiverged
+    from deltatune.train.config import ConfigError
+    from deltatune.train.loop import TrainingDiverged
 
     return ConfigError, DataError, AdapterError, ModelNotFoundError, TrainingDiverged, FileNotFoundError
 
@@ -49,8 +49,8 @@ def train(ctx: typer.Context) -> None:
     With no arguments: LoRA on a built-in task with the default model. Any config key can be given
     or overridden as --key value (e.g. --learning-rate 1e-3 --use-rslora true).
     """
-    from deltatune.config import load_config, parse_overrides
-    from deltatune.training import run
+    from deltatune.train.config import load_config, parse_overrides
+    from deltatune.train.loop import run
 
     args = list(ctx.args)
     config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
@@ -86,7 +86,7 @@ def generate(
     raw: Annotated[bool, typer.Option(help="no chat template")] = False,
 ) -> None:
     """Greedy generation for one prompt."""
-    from deltatune.evaluate import generate as gen
+    from deltatune.train.evaluate import generate as gen
 
     try:
         lm, tok = _load(model, adapter)
@@ -99,7 +99,7 @@ def generate(
 @app.command()
 def chat(model: ModelOpt = "default", adapter: AdapterOpt = None, max_new_tokens: int = 256) -> None:
     """Interactive chat (empty line or Ctrl-D to quit)."""
-    from deltatune.evaluate import generate as gen
+    from deltatune.train.evaluate import generate as gen
 
     try:
         lm, tok = _load(model, adapter)
@@ -130,7 +130,7 @@ def evaluate(
     max_new_tokens: int = 32,
 ) -> None:
     """Exact match of greedy answers on a built-in task's test split or an eval file."""
-    from deltatune.evaluate import eval_items_from_file, eval_items_from_task, exact_match_score
+    from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task, exact_match_score
 
     if (task is None) == (data is None):
         _fail(ValueError("give exactly one of --task or --data"))

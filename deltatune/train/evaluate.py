@@ -17,10 +17,8 @@ import torch
 from transformers import GenerationConfig
 
 from deltatune.data.readers import DataError, read_records
-from deltatune.data.tokenize import Chat, encode_text, parse_record, render_chat, stop_token_ids
-from deltatune.tasks import exact_match, examples
-
-Prompt = str | list[dict[str, str]]
+from deltatune.data.tasks import exact_match, examples
+from deltatune.data.tokenize import Chat, Prompt, left_pad, parse_record, prompt_ids, stop_token_ids
 
 
 @dataclass
@@ -58,24 +56,6 @@ def eval_items_from_file(path: str | Path) -> list[EvalItem]:
         except DataError as err:
             raise DataError(f"{where}: {err}") from None
     return items
-
-
-def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids of a prompt, the same way training tokenizes the context before a target."""
-    if isinstance(prompt, str):
-        return encode_text(tokenizer, prompt, add_special_tokens=True)
-    return encode_text(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True))
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-align token rows: (input_ids, attention_mask), both [len(rows), longest]."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row) :] = 1
-    return input_ids, attention_mask
 
 
 def cut_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
