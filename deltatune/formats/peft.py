@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.deltas import add_delta, get_method, method_for_disk, named_delta_state
+from deltatune.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FormatError, atomic_write, write_json
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class AdapterError(ValueError):
-    """An adapter directory is missing, corrupt or does not fit the model; the message names the file."""
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename onto `path`: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+CONFIG_NAME, WEIGHTS_NAME = ADAPTER_CONFIG, ADAPTER_WEIGHTS
+AdapterError = FormatError  # transitional alias, removed once every caller uses FormatError
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None = None) -> Path:

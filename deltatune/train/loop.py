@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from deltatune import attention
 from deltatune.deltas import add_delta, named_delta_parameters
-from deltatune.formats.peft import save_delta, write_json
+from deltatune.formats import write_json
+from deltatune.formats.peft import save_delta
 from deltatune.models import load_model, load_tokenizer
 from deltatune.train import resume
 from deltatune.train.config import TrainConfig, build_config
