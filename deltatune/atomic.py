@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 
@@ -29,3 +29,11 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def new_directory(out: Path, overwrite: bool = False) -> AbstractContextManager[Path]:
+    """`atomic_directory(out)`, refused if `out` holds something and `overwrite` is not set."""
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True to replace it)")
+    return atomic_directory(out)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from deltatune.formats import MODEL_CONFIG
+
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -75,15 +77,15 @@ def resolve(name: str | os.PathLike | None = None) -> Path:
     name = DEFAULT_MODEL if name is None else str(name)
     if name == DEFAULT_MODEL:
         target = cache_root() / "models" / "SmolLM2-135M-Instruct"
-        return target if (target / "config.json").is_file() else _convert_gguf(_default_gguf(), target)
+        return target if (target / MODEL_CONFIG).is_file() else _convert_gguf(_default_gguf(), target)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
         target = cache_root() / "models" / (path.stem + f"-{path.stat().st_size}")
-        return target if (target / "config.json").is_file() else _convert_gguf(path, target)
+        return target if (target / MODEL_CONFIG).is_file() else _convert_gguf(path, target)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / MODEL_CONFIG).is_file():
             raise ModelNotFoundError(f"{path} is not a HF model directory (no config.json)")
         return path
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune.merge.adapters import load_lora
+from deltatune.formats import FormatError
+from deltatune.formats.peft import read_lora
 from deltatune.merge.executor import run_merge
 from deltatune.merge.methods import METHODS
-from deltatune.merge.storage import MergeError
 from deltatune.models import tiny_llama
 
 VOCAB = 256
@@ -39,7 +39,7 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 def dense_deltas(path: Path) -> dict[str, torch.Tensor]:
-    return {m: f.delta() for m, f in load_lora(path).modules.items()}
+    return {m: f.dense() for m, f in read_lora(path).modules.items()}
 
 
 def write_config(
@@ -69,7 +69,7 @@ def test_factors_read_back_match_peft_delta_weight(adapters):
 
     model = PeftModel.from_pretrained(tiny_llama(seed=0, vocab_size=VOCAB), adapters["a2"])
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    ours = load_lora(adapters["a2"]).modules["model.layers.0.self_attn.q_proj"].delta()
+    ours = read_lora(adapters["a2"]).modules["model.layers.0.self_attn.q_proj"].dense()
     torch.testing.assert_close(ours, layer.get_delta_weight("default"), atol=1e-6, rtol=1e-5)
 
 
@@ -165,5 +165,5 @@ def test_adapter_merges_refuse_what_they_cannot_do(adapters, tmp_path):
     settings = json.loads((dora / "adapter_config.json").read_text()) | {"use_dora": True}
     (dora / "adapter_config.json").write_text(json.dumps(settings))
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {dora}\n    parameters: {{weight: 1}}\n")
-    with pytest.raises(MergeError, match=rf"adapter {dora}: use_dora=True is not supported"):
+    with pytest.raises(FormatError, match=rf"adapter {dora}: use_dora=True is not supported"):
         run_merge(config, tmp_path / "out")

@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from deltatune.formats import FormatError
 from deltatune.merge.executor import run_merge
-from deltatune.merge.storage import MergeError
 from deltatune.models import load_tokenizer, tiny_llama
 
 VOCAB = 2048  # the embedding (131k entries) takes the sampled-threshold path of kth_smallest
@@ -327,7 +327,7 @@ def test_mismatched_or_missing_tensors_name_the_tensor_and_model(zoo, tmp_path):
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {zoo['ft1']}\n    parameters: {{weight: 1}}\n"
                       f"  - model: {other}\n    parameters: {{weight: 1}}\n")  # fmt: skip
     with pytest.raises(
-        MergeError, match=rf"tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape .* in {other}"
+        FormatError, match=rf"tensor model\.layers\.0\.mlp\.\w+_proj\.weight has shape .* in {other}"
     ):
         run_merge(config, tmp_path / "out")
     gappy = tmp_path / "gappy"
@@ -338,7 +338,7 @@ def test_mismatched_or_missing_tensors_name_the_tensor_and_model(zoo, tmp_path):
     (gappy / "config.json").write_text((zoo["ft2"] / "config.json").read_text())
     config.write_text(config.read_text().replace(str(other), str(gappy)))
     with pytest.raises(
-        MergeError, match=rf"tensor model\.layers\.1\.input_layernorm\.weight is missing from {gappy}"
+        FormatError, match=rf"tensor model\.layers\.1\.input_layernorm\.weight is missing from {gappy}"
     ):
         run_merge(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -353,5 +353,5 @@ def test_output_is_atomic(zoo, tmp_path):
     assert list(tmp_path.iterdir()) == [config]  # no output, no temporary left behind
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    with pytest.raises(MergeError, match="already exists and is not empty"):
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
         run_merge(config, tmp_path / "taken")

@@ -10,12 +10,11 @@
 
 Module map: `packing` (bit packing), `base` (what a method is; raw), `compeft`, `bitdelta`,
 `delta_come` (the math, pure functions over tensors), `methods` (the registry), `lowrank` (SVD),
-`checkpoints` (reading inputs, atomic directories), `container` (the file formats and loading),
+`container` (the compressed container and loading it; inputs are read by deltatune.formats),
 `pipeline` (compress), `calibrate` (BitDelta distillation on real data), `decompress`, `extract`,
 `reports`.
 """
 
-from deltatune.compress.checkpoints import DeltaInputError
 from deltatune.compress.container import load_delta_into
 from deltatune.compress.decompress import decompress
 from deltatune.compress.extract import extract_lora
@@ -26,7 +25,6 @@ from deltatune.compress.reports import CompressionReport, ExtractionReport, form
 __all__ = [
     "CODECS",
     "CompressionReport",
-    "DeltaInputError",
     "ExtractionReport",
     "compress",
     "decompress",

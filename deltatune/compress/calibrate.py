@@ -14,9 +14,9 @@ import torch
 
 from deltatune.compress.base import Fields
 from deltatune.compress.bitdelta import Batch, BitDeltaParams, distill_scales, logit_mse, signs_of
-from deltatune.compress.checkpoints import DeltaInputError
 from deltatune.compress.container import TensorEntry
 from deltatune.compress.methods import get_codec
+from deltatune.formats import FormatError
 
 MAX_CALIBRATION_TOKENS = 512
 
@@ -65,7 +65,7 @@ def calibrate_bitdelta(
     known = dict(model.named_parameters())
     for name in exact:
         if name not in known:
-            raise DeltaInputError(
+            raise FormatError(
                 f"calibration: delta {name!r} matches no parameter of the base model {base_model}"
             )
     batches = calibration_batches(data, params.calibration_batch_size, base_model)

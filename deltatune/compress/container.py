@@ -15,11 +15,8 @@ the `lora_factors` layout, the module path. Parts: `delta` (ΔW itself, layouts 
 the part's codec wrote (see `deltatune.compress.base`). Nothing but tensors lives in the
 safetensors file and nothing but metadata in the JSON, so sizes count honestly.
 
-A decompressed LoRA delta in the `lora_dense` layout is a *dense delta* directory:
-
-    delta_model.safetensors        "<module>.weight" -> ΔW, in the adapter's dtype
-    delta_config.json              {"format": "deltatune.dense_delta", "version": 1,
-                                    "base_model_name_or_path": ..., "compressed_with": method}
+A decompressed LoRA delta in the `lora_dense` layout is a *dense delta* directory
+(`deltatune.formats.dense`).
 
 `load_delta_into(model, path)` adds either kind of directory to a loaded model's weights in place,
 decoding compressed fields on the fly: this is how a compressed delta is used for inference.
@@ -27,27 +24,22 @@ decoding compressed fields on the fly: this is how a compressed delta is used fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ValidationError, field_validator
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from deltatune.compress.base import Fields
-from deltatune.compress.checkpoints import DeltaInputError, lora_dense, read_json
 from deltatune.compress.methods import get_codec
+from deltatune.formats import COMPRESSED_CONFIG, COMPRESSED_WEIGHTS, DENSE_CONFIG, FormatError, read_json
+from deltatune.formats.dense import load_safetensors, read_dense_delta
+from deltatune.formats.peft import LoraFactors
 
-COMPRESSED_WEIGHTS = "delta_compressed.safetensors"
-COMPRESSED_CONFIG = "compression_config.json"
-DENSE_WEIGHTS = "delta_model.safetensors"
-DENSE_CONFIG = "delta_config.json"
 FORMAT = "deltatune.compressed_delta"
-DENSE_FORMAT = "deltatune.dense_delta"
 SEP = "::"
 
 Layout = Literal["lora_dense", "lora_factors", "model"]
@@ -104,7 +96,8 @@ def dense_from_parts(
     """ΔW from decoded parts: the delta itself, or lora_scale · B @ A."""
     if "delta" in parts:
         return parts["delta"]
-    return lora_dense(parts["lora_A"], parts["lora_B"], 1.0 if lora_scale is None else lora_scale, transposed)
+    scale = 1.0 if lora_scale is None else lora_scale
+    return LoraFactors(parts["lora_A"], parts["lora_B"], scale, transposed).dense()
 
 
 def entry_dense(entry: TensorEntry, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,37 +120,28 @@ def write_config(directory: Path, config: CompressionConfig) -> None:
     (directory / COMPRESSED_CONFIG).write_text(config.model_dump_json(indent=2) + "\n")
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise DeltaInputError(f"{path}: missing")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DeltaInputError(f"{path}: not a valid safetensors file ({err})") from None
-
-
 def read_compressed(path: Path) -> tuple[CompressionConfig, dict[str, dict[str, Fields]]]:
     """(config, fields by name then part) of a compressed directory; every problem names the file."""
     path = Path(path)
     if not path.is_dir():
-        raise DeltaInputError(f"compressed delta directory not found: {path}")
+        raise FormatError(f"compressed delta directory not found: {path}")
     config_file, weights_file = path / COMPRESSED_CONFIG, path / COMPRESSED_WEIGHTS
     try:
         config = CompressionConfig.model_validate(read_json(config_file))
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise DeltaInputError(f"{config_file}: {where}: {first['msg']}") from None
+        raise FormatError(f"{config_file}: {where}: {first['msg']}") from None
     stored: dict[str, dict[str, Fields]] = {}
-    for key, value in _load_safetensors(weights_file).items():
+    for key, value in load_safetensors(weights_file).items():
         name, part, field = (key.split(SEP) + ["", ""])[:3]
         if name not in config.tensors or part not in config.tensors[name].parts or not field:
-            raise DeltaInputError(f"{weights_file}: key {key!r} is not described in {config_file}")
+            raise FormatError(f"{weights_file}: key {key!r} is not described in {config_file}")
         stored.setdefault(name, {}).setdefault(part, {})[field] = value
     for name, entry in config.tensors.items():
         for part in entry.parts:
             if part not in stored.get(name, {}):
-                raise DeltaInputError(f"{weights_file}: no fields for {name}{SEP}{part}")
+                raise FormatError(f"{weights_file}: no fields for {name}{SEP}{part}")
     return config, stored
 
 
@@ -170,7 +154,7 @@ def decode_parts(
         try:
             decoded[part] = get_codec(spec.codec).decode(parts[part], tuple(spec.shape))
         except (KeyError, ValueError, RuntimeError) as err:
-            raise DeltaInputError(
+            raise FormatError(
                 f"{where or 'compressed delta'}: cannot decode {name}{SEP}{part} ({err})"
             ) from None
     return decoded
@@ -186,22 +170,6 @@ def iter_compressed(path: Path) -> Iterator[tuple[str, TensorEntry, dict[str, to
 # --- dense delta directories ----------------------------------------------------------------------------
 
 
-def write_dense_delta(directory: Path, deltas: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-    save_file(
-        {k: v.contiguous() for k, v in deltas.items()}, directory / DENSE_WEIGHTS, metadata={"format": "pt"}
-    )
-    body = {"format": DENSE_FORMAT, "version": 1, **config}
-    (directory / DENSE_CONFIG).write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
-
-
-def read_dense_delta(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    path = Path(path)
-    config = read_json(path / DENSE_CONFIG)
-    if not isinstance(config, dict) or config.get("format") != DENSE_FORMAT:
-        raise DeltaInputError(f"{path / DENSE_CONFIG}: not a dense delta (format must be {DENSE_FORMAT!r})")
-    return config, _load_safetensors(path / DENSE_WEIGHTS)
-
-
 def dense_deltas(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(parameter name, fp32 ΔW) from a compressed or a dense delta directory."""
     path = Path(path)
@@ -212,7 +180,7 @@ def dense_deltas(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     elif (path / DENSE_CONFIG).is_file():
         yield from ((k, v.float()) for k, v in read_dense_delta(path)[1].items())
     else:
-        raise DeltaInputError(f"{path}: neither {COMPRESSED_CONFIG} nor {DENSE_CONFIG} found")
+        raise FormatError(f"{path}: neither {COMPRESSED_CONFIG} nor {DENSE_CONFIG} found")
 
 
 def _find_parameter(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
@@ -230,7 +198,7 @@ def load_delta_into(model: nn.Module, path: str | Path) -> list[str]:
 
     Addition happens in fp32 and is cast back to each weight's dtype. Returns the parameter names
     changed. A delta for a missing parameter, a wrong shape, or two deltas for one (tied) weight
-    raise DeltaInputError naming the key and the directory.
+    raise FormatError naming the key and the directory.
     """
     params = dict(model.named_parameters())
     seen: dict[int, str] = {}
@@ -238,15 +206,13 @@ def load_delta_into(model: nn.Module, path: str | Path) -> list[str]:
     for name, delta in dense_deltas(Path(path)):
         param = _find_parameter(params, name)
         if param is None:
-            raise DeltaInputError(f"{path}: delta {name!r} matches no parameter of the model")
+            raise FormatError(f"{path}: delta {name!r} matches no parameter of the model")
         if tuple(param.shape) != tuple(delta.shape):
-            raise DeltaInputError(
+            raise FormatError(
                 f"{path}: delta {name!r} has shape {list(delta.shape)}, the model's is {list(param.shape)}"
             )
         if param.data_ptr() in seen:
-            raise DeltaInputError(
-                f"{path}: deltas {seen[param.data_ptr()]!r} and {name!r} hit one tied weight"
-            )
+            raise FormatError(f"{path}: deltas {seen[param.data_ptr()]!r} and {name!r} hit one tied weight")
         seen[param.data_ptr()] = name
         param.copy_((param.float() + delta.to(param.device)).to(param.dtype))
         changed.append(name)

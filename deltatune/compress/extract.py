@@ -21,23 +21,19 @@ report with their relative change. Decision: no dense residual in the adapter (P
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from deltatune.compress.checkpoints import (
-    DeltaInputError,
-    check_same_tensors,
-    open_checkpoint,
-    output_directory,
-)
+from deltatune.atomic import new_directory
 from deltatune.compress.lowrank import SvdMethod, top_singular
 from deltatune.compress.reports import ExtractionReport, ModuleExtraction, SkippedTensor
 from deltatune.deltas.base import PEFT_PREFIX, match_linear_modules
-from deltatune.deltas.lora import Lora, LoraConfig
+from deltatune.deltas.lora import Lora, LoraConfig, factors_from_svd
+from deltatune.formats import MODEL_CONFIG, FormatError
+from deltatune.formats.hf import ModelFiles, check_compatible
+from deltatune.formats.peft import write_adapter
 
 
 def lora_factors(
@@ -48,12 +44,7 @@ def lora_factors(
     u, s, v = top_singular(delta, rank, svd)
     total = float(delta.pow(2).sum())
     energy = float(s.pow(2).sum()) / total if total > 0 else 1.0
-    root = s.sqrt()
-    b, a = u * root, (v * root).T
-    pad = rank - s.numel()  # rank above min(out, in): zero factors keep one r for every module
-    if pad > 0:
-        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-        a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
+    a, b, _ = factors_from_svd(u, s, v.T, rank)  # rank above min(out, in): zero-padded
     return a.contiguous(), b.contiguous(), min(energy, 1.0)
 
 
@@ -64,7 +55,7 @@ def model_skeleton(model_dir: Path) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as err:
-        raise DeltaInputError(f"{model_dir / 'config.json'}: cannot build the model config ({err})") from None
+        raise FormatError(f"{model_dir / MODEL_CONFIG}: cannot build the model config ({err})") from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -88,17 +79,14 @@ def extract_lora(
     tensors: dict[str, torch.Tensor] = {}
     modules: list[ModuleExtraction] = []
     skipped: list[SkippedTensor] = []
-    with open_checkpoint(base_dir) as base, open_checkpoint(finetuned_dir) as ft:
-        check_same_tensors(base, ft, base_dir, finetuned_dir)
-        absent = sorted(set(linear_weights) - set(ft.files))
-        if absent:
-            raise DeltaInputError(f"{finetuned_dir}: target weight {absent[0]!r} is not in the checkpoint")
-        for name in ft.names():
-            w_base, w_ft = base.get(name), ft.get(name)
-            if w_base.shape != w_ft.shape:
-                raise DeltaInputError(
-                    f"{ft.files[name]}: {name} has shape {list(w_ft.shape)}, base {list(w_base.shape)}"
-                )
+    base_files, ft_files = ModelFiles(base_dir), ModelFiles(finetuned_dir)
+    check_compatible(base_files, [ft_files], exact=True)
+    absent = sorted(set(linear_weights) - set(ft_files.tensors))
+    if absent:
+        raise FormatError(f"{finetuned_dir}: target weight {absent[0]!r} is not in the checkpoint")
+    with base_files.reader() as read_base, ft_files.reader() as read_ft:
+        for name in ft_files.names():
+            w_base, w_ft = read_base(name), read_ft(name)
             if not w_ft.is_floating_point():
                 continue
             delta = w_ft.float() - w_base.float()
@@ -123,14 +111,13 @@ def extract_lora(
                 )
             )
     if not modules:
-        raise DeltaInputError(f"{finetuned_dir}: no targeted linear weight differs from {base_dir}")
+        raise FormatError(f"{finetuned_dir}: no targeted linear weight differs from {base_dir}")
     paths = [m.name for m in modules]
     lora_config = LoraConfig(lora_r=rank, lora_alpha=float(rank), target_modules=paths)
     adapter_config = Lora().disk_config(lora_config, paths, str(base_dir.resolve()))
     adapter_config["target_modules"] = paths
-    with output_directory(out_dir, overwrite) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    with new_directory(out_dir, overwrite) as tmp:
+        write_adapter(tmp, adapter_config, tensors)
     return ExtractionReport(
         out=str(out_dir),
         rank=rank,

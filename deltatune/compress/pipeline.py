@@ -28,18 +28,9 @@ from typing import Any
 
 import torch
 
+from deltatune.atomic import new_directory
 from deltatune.compress.base import RAW, Codec, Fields, MethodParams, RawParams, fields_bytes
 from deltatune.compress.calibrate import CalibrationData, calibrate_bitdelta
-from deltatune.compress.checkpoints import (
-    DeltaInputError,
-    LoraModule,
-    TensorReader,
-    check_same_tensors,
-    open_checkpoint,
-    output_directory,
-    read_json,
-    read_lora,
-)
 from deltatune.compress.container import (
     CompressionConfig,
     Layout,
@@ -55,6 +46,9 @@ from deltatune.compress.container import (
 )
 from deltatune.compress.methods import CALIBRATED, get_codec, validate_params
 from deltatune.compress.reports import CompressionReport, TensorReport
+from deltatune.formats import ADAPTER_CONFIG, MODEL_CONFIG, FormatError, read_json
+from deltatune.formats.hf import ModelFiles, check_compatible
+from deltatune.formats.peft import LoraFactors, read_lora
 
 LORA_LAYOUTS: dict[str, Layout] = {"dense": "lora_dense", "factors": "lora_factors"}
 
@@ -100,28 +94,27 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def lora_items(modules: list[LoraModule], layout: Layout) -> Iterator[DeltaItem]:
-    for m in modules:
+def lora_items(modules: dict[str, LoraFactors], layout: Layout) -> Iterator[DeltaItem]:
+    for path, m in modules.items():
         size, dtype = _nbytes(m.a) + _nbytes(m.b), m.a.dtype
         if layout == "lora_dense":
-            yield DeltaItem(m.param_name, {"delta": m.dense()}, dtype, size)
+            yield DeltaItem(f"{path}.weight", {"delta": m.dense()}, dtype, size)
         else:
             parts = {"lora_A": m.a.float(), "lora_B": m.b.float()}
-            yield DeltaItem(m.path, parts, dtype, size, lora_scale=m.scale, transposed=m.transposed)
+            yield DeltaItem(path, parts, dtype, size, lora_scale=m.scale, transposed=m.transposed)
 
 
-def model_items(base: TensorReader, finetuned: TensorReader, unchanged: list[str]) -> Iterator[DeltaItem]:
+def model_items(
+    base: ModelFiles, finetuned: ModelFiles, stack: ExitStack, unchanged: list[str]
+) -> Iterator[DeltaItem]:
     """finetuned - base per tensor; identical tensors go to `unchanged` and are not stored."""
+    read_base, read_ft = stack.enter_context(base.reader()), stack.enter_context(finetuned.reader())
     for name in finetuned.names():
-        b, f = base.get(name), finetuned.get(name)
-        if b.shape != f.shape:
-            raise DeltaInputError(
-                f"{finetuned.files[name]}: {name} has shape {list(f.shape)}, base {list(b.shape)}"
-            )
+        b, f = read_base(name), read_ft(name)
         if not f.is_floating_point():
             if not torch.equal(b, f):
-                raise DeltaInputError(
-                    f"{finetuned.files[name]}: non-float tensor {name} differs from the base"
+                raise FormatError(
+                    f"{finetuned.tensors[name].file}: non-float tensor {name} differs from the base"
                 )
             unchanged.append(name)
             continue
@@ -139,21 +132,21 @@ def open_source(src: Source, lora_mode: str, stack: ExitStack) -> OpenSource:
         if len(src) != 2:
             raise ValueError("a full-model delta is given as (base_dir, finetuned_dir)")
         base_dir, ft_dir = Path(src[0]), Path(src[1])
-        base = stack.enter_context(open_checkpoint(base_dir))
-        ft = stack.enter_context(open_checkpoint(ft_dir))
-        check_same_tensors(base, ft, base_dir, ft_dir)
-        hf_config = read_json(ft_dir / "config.json")
+        base, ft = ModelFiles(base_dir), ModelFiles(ft_dir)
+        check_compatible(base, [ft], exact=True)
+        hf_config = read_json(ft_dir / MODEL_CONFIG)
         unchanged: list[str] = []
-        items = model_items(base, ft, unchanged)
+        items = model_items(base, ft, stack, unchanged)
         return OpenSource("model", str(base_dir.resolve()), items, hf_config=hf_config, unchanged=unchanged)
     src = Path(src)
-    if (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+    if (src / MODEL_CONFIG).is_file() and not (src / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{src} is a full model: pass (base_dir, finetuned_dir) to compress a full fine-tune"
         )
-    config, modules = read_lora(src)
+    adapter = read_lora(src, allow_fan_in_fan_out=True)
     layout = LORA_LAYOUTS[lora_mode]
-    return OpenSource(layout, config.get("base_model_name_or_path"), lora_items(modules, layout), config)
+    base_model = adapter.config.get("base_model_name_or_path")
+    return OpenSource(layout, base_model, lora_items(adapter.modules, layout), adapter.config)
 
 
 def encode_item(
@@ -250,7 +243,7 @@ def compress(
             raise ValueError("calibration works on dense deltas: use lora_mode='dense'")
         encoded = encode_source(source, codec, method_params, keep_exact=calibrating)
     if not encoded.entries:
-        raise DeltaInputError(f"{src}: nothing to compress (the fine-tuned model equals the base)")
+        raise FormatError(f"{src}: nothing to compress (the fine-tuned model equals the base)")
     calibration = None
     if calibrating:
         base_model = str(base) if base is not None else source.base_model
@@ -270,7 +263,7 @@ def compress(
         tensors=encoded.entries,
     )
     rows = list(encoded.rows.values())
-    with output_directory(Path(out), overwrite) as tmp:
+    with new_directory(Path(out), overwrite) as tmp:
         file_bytes = write_fields(tmp, encoded.flat_fields())
         report = CompressionReport(
             method=method,

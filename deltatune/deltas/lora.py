@@ -34,6 +34,47 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
+def module_rank_scale(cfg: LoraConfig, path: str) -> tuple[int, float]:
+    """(r, scale) of the module at `path`: PEFT's rank_pattern / alpha_pattern over the defaults."""
+    r = pattern_value(cfg.rank_pattern, path, cfg.lora_r)
+    return r, lora_scale(r, pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha), cfg.use_rslora)
+
+
+# adapter_config.json settings plain LoRA factors cannot express, with the value that is fine.
+UNSUPPORTED = {
+    "use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
+    "layers_to_transform": None, "layer_replication": None, "lora_bias": False,
+    "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
+}  # fmt: skip
+
+
+def unsupported_setting(disk: dict[str, Any], allowed: tuple[str, ...] = ()) -> str | None:
+    """The first setting of an adapter_config.json that plain LoRA cannot honour, as 'key=value'."""
+    for key, ok in UNSUPPORTED.items():
+        if key not in allowed and disk.get(key, ok) not in (ok, [], {}):
+            return f"{key}={disk[key]!r}"
+    return None
+
+
+def factors_from_svd(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors (A [rank, in], B [out, rank]) of the top-`rank` part of U diag(s) Vh, with √s
+    on each side, zero-padded to `rank`; and the relative Frobenius error of dropping the rest.
+
+    By Eckart-Young B A is the best rank-`rank` approximation of the full product."""
+    total = float(s.double().square().sum())
+    kept = min(rank, s.numel())
+    dropped = total - float(s[:kept].double().square().sum())
+    error = math.sqrt(max(dropped, 0.0) / total) if total > 0 else 0.0
+    root = s[:kept].sqrt()
+    b = u.new_zeros(u.shape[0], rank)
+    a = vh.new_zeros(rank, vh.shape[1])
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    return a, b, error
+
+
 class LoraLinear(DeltaLayer):
     def __init__(
         self, base_layer: nn.Linear, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming"
@@ -88,11 +129,8 @@ class Lora(Method):
     def wrap(self, module: nn.Module, cfg: LoraConfig, path: str) -> DeltaLayer:
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{self.name} targets nn.Linear; {path} is {type(module).__name__}")
-        r = pattern_value(cfg.rank_pattern, path, cfg.lora_r)
-        alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
-        return self.layer_class(
-            module, r, lora_scale(r, alpha, cfg.use_rslora), cfg.lora_dropout, cfg.lora_init
-        )
+        r, scale = module_rank_scale(cfg, path)
+        return self.layer_class(module, r, scale, cfg.lora_dropout, cfg.lora_init)
 
     def claims(self, disk: dict[str, Any]) -> bool:
         return disk.get("peft_type") == "LORA" and bool(disk.get("use_dora", False)) == self.use_dora
@@ -119,18 +157,9 @@ class Lora(Method):
         }
 
     def config_from_disk(self, disk: dict[str, Any], tensors: dict[str, torch.Tensor]) -> LoraConfig:
-        unsupported = {
-            "fan_in_fan_out": False,
-            "bias": "none",
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layer_replication": None,
-        }
-        for key, ok in unsupported.items():
-            if disk.get(key, ok) not in (ok, [], {}):
-                raise ValueError(
-                    f"adapter_config.json: {key}={disk[key]!r} is not supported (expected {ok!r})"
-                )
+        bad = unsupported_setting(disk, allowed=("use_dora",))  # claims() matched use_dora already
+        if bad is not None:
+            raise ValueError(f"adapter_config.json: {bad} is not supported")
         # Targets are exactly the modules that have weights on disk; ranks come from their shapes.
         paths = sorted({k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k})
         if not paths:

@@ -2,7 +2,10 @@
 
     peft.py     PEFT adapter directories (adapter_config.json + adapter_model.safetensors)
     hf.py       HF model directories: single file or sharded, the streaming sharded writer, side files
-    dense.py    deltatune's own delta directories (dense ΔW; compressed containers live in compress/)
+    dense.py    dense delta directories (ΔW per parameter)
+
+Compressed delta containers are read and written by compress/container.py, next to the codecs
+that decode them; `delta_kind` below tells the four kinds of delta directory apart.
 
 Every reader raises `FormatError` when a file or directory is not what it claims to be; the
 message names the file and, where there is one, the key. Only safetensors is ever read: no pickle.
@@ -17,9 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter (formats/peft.py)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MODEL_CONFIG = "config.json"
+MODEL_CONFIG = "config.json"  # an HF model directory (formats/hf.py)
+DENSE_CONFIG = "delta_config.json"  # a dense delta (formats/dense.py)
+DENSE_WEIGHTS = "delta_model.safetensors"
+COMPRESSED_CONFIG = "compression_config.json"  # a compressed delta (compress/container.py)
+COMPRESSED_WEIGHTS = "delta_compressed.safetensors"
 
 
 class FormatError(ValueError):
@@ -52,3 +59,21 @@ def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def delta_kind(path: str | os.PathLike) -> str:
+    """ "adapter", "dense" or "compressed": which kind of delta directory `path` is."""
+    path = Path(path)
+    for kind, marker in (
+        ("adapter", ADAPTER_CONFIG),
+        ("dense", DENSE_CONFIG),
+        ("compressed", COMPRESSED_CONFIG),
+    ):
+        if (path / marker).is_file():
+            return kind
+    if not path.is_dir():
+        raise FormatError(f"adapter directory not found: {path}")
+    raise FormatError(
+        f"{path / ADAPTER_CONFIG}: missing (nor is there a {DENSE_CONFIG} or {COMPRESSED_CONFIG}: "
+        "not a delta deltatune can load)"
+    )

@@ -11,13 +11,11 @@ from deltatune.merge.config import MergeConfig, MergeConfigError, load_config, p
 from deltatune.merge.executor import run_merge
 from deltatune.merge.inputs import MergeReport
 from deltatune.merge.methods import METHODS
-from deltatune.merge.storage import MergeError
 
 __all__ = [
     "METHODS",
     "MergeConfig",
     "MergeConfigError",
-    "MergeError",
     "MergeReport",
     "load_config",
     "parse_config",

@@ -23,81 +23,21 @@ contribute zero columns), written atomically.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from deltatune.deltas.lora import pattern_value
+from deltatune.atomic import new_directory
+from deltatune.deltas.base import PEFT_PREFIX
+from deltatune.deltas.lora import factors_from_svd
+from deltatune.formats import ADAPTER_WEIGHTS, MODEL_CONFIG, FormatError, read_json
+from deltatune.formats.peft import LoraAdapter, LoraFactors, read_lora, write_adapter
 from deltatune.merge.config import MergeConfig, ParameterResolver
 from deltatune.merge.inputs import MergeInputs, MergeReport, layer_index, method_kwargs, torch_dtype
-from deltatune.merge.storage import MergeError, output_directory
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXACT_METHODS = frozenset({"linear", "task_arithmetic"})
-_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
-# adapter_config.json settings this merge cannot honour, with the value that is fine.
-_UNSUPPORTED = {
-    "use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False, "lora_bias": False,
-    "layer_replication": None, "trainable_token_indices": None, "target_parameters": None, "use_qalora": False,
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LoraFactors:
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-
-    def delta(self) -> torch.Tensor:
-        return (self.b.double() @ self.a.double()).mul_(self.scale).float()
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    directory: Path
-    config: dict[str, Any]
-    modules: dict[str, LoraFactors]
-
-
-def load_lora(directory: Path) -> LoraAdapter:
-    """Read a PEFT LoRA directory; anything but plain LoRA factors is an error naming the adapter."""
-    directory = Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MergeError(f"adapter {directory}: peft_type {config.get('peft_type')} is not LoRA")
-    for key, fine in _UNSUPPORTED.items():
-        if config.get(key, fine) not in (fine, [], {}):
-            raise MergeError(
-                f"adapter {directory}: {key}={config[key]!r} is not supported by adapter merging"
-            )
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise MergeError(f"adapter {directory} has no {ADAPTER_WEIGHTS} (only safetensors are read)")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(weights, "pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-            match = _KEY.match(key)
-            if match is None:
-                raise MergeError(f"adapter {directory}: tensor {key} is not a LoRA A/B factor")
-            factors.setdefault(match.group(1), {})[match.group(2)] = handle.get_tensor(key)
-    modules = {}
-    for module, ab in factors.items():
-        if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
-            raise MergeError(f"adapter {directory}: module {module} lacks a matching lora_A/lora_B pair")
-        rank = ab["A"].shape[0]
-        alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules[module] = LoraFactors(ab["A"], ab["B"], float(scale))
-    return LoraAdapter(directory, config, modules)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,27 +70,13 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch
     qb, rb = torch.linalg.qr(b.double())
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    return _split_svd(qb @ u, s, vh @ qa.T, rank)
+    return factors_from_svd(qb @ u, s, vh @ qa.T, rank)
 
 
 def truncate_dense(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of a dense delta; returns (A, B, relative Frobenius error)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return _split_svd(u, s, vh, rank)
-
-
-def _split_svd(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    total = float(s.square().sum())
-    kept = min(rank, s.numel())
-    error = math.sqrt(max(total - float(s[:kept].square().sum()), 0.0) / total) if total > 0 else 0.0
-    root = s[:kept].sqrt()
-    b = torch.zeros(u.shape[0], rank, dtype=torch.float64)
-    a = torch.zeros(rank, vh.shape[1], dtype=torch.float64)
-    b[:, :kept] = u[:, :kept] * root
-    a[:kept] = root[:, None] * vh[:kept]
-    return a, b, error
+    return factors_from_svd(u, s, vh, rank)
 
 
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +97,7 @@ def _module_shapes(adapters: list[LoraAdapter]) -> dict[str, tuple[int, int]]:
         for module, f in adapter.modules.items():
             shape = (f.b.shape[0], f.a.shape[1])
             if shapes.setdefault(module, shape) != shape:
-                raise MergeError(
+                raise FormatError(
                     f"adapter {adapter.directory}: module {module} is {list(shape)} but {list(shapes[module])} elsewhere"
                 )
     return dict(sorted(shapes.items()))
@@ -193,7 +119,7 @@ def merge_adapters(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path) -> Merg
     spec = cfg.spec
     if cfg.merge_method == "slerp":
         raise cfg.error(["merge_method"], "slerp interpolates weights, not deltas; it cannot merge adapters")
-    adapters = [load_lora(p) for p in inputs.models]
+    adapters = [read_lora(p) for p in inputs.models]
     shapes = _module_shapes(adapters)
     exact = cfg.merge_method in EXACT_METHODS
     input_rank = max(
@@ -201,10 +127,8 @@ def merge_adapters(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path) -> Merg
     )  # the exact stacked rank
     rank = cfg.rank or input_rank
     num_layers = 1 + max((i for m in shapes if (i := layer_index(m)) is not None), default=0)
-    if inputs.base is not None and (inputs.base / "config.json").is_file():
-        num_layers = json.loads((inputs.base / "config.json").read_text()).get(
-            "num_hidden_layers", num_layers
-        )
+    if inputs.base is not None and (inputs.base / MODEL_CONFIG).is_file():
+        num_layers = read_json(inputs.base / MODEL_CONFIG).get("num_hidden_layers", num_layers)
     resolver = ParameterResolver(spec, cfg.parameters or {}, inputs.params, inputs.names)
     out_dtype = torch_dtype(cfg.out_dtype or cfg.dtype) or next(iter(adapters[0].modules.values())).a.dtype
 
@@ -221,17 +145,16 @@ def merge_adapters(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path) -> Merg
             else:
                 a, b = pad_rank(a, b, rank)
         else:
-            deltas = [f.delta() if f is not None else torch.zeros(shape) for f in factors]
+            deltas = [f.dense() if f is not None else torch.zeros(shape) for f in factors]
             merged = spec.fn(torch.zeros(shape), deltas, **kwargs)
             a, b, errors[module] = truncate_dense(merged, rank)
-        prefix = f"base_model.model.{module}"
+        prefix = f"{PEFT_PREFIX}{module}"
         tensors[f"{prefix}.lora_A.weight"] = a.to(out_dtype).contiguous()
         tensors[f"{prefix}.lora_B.weight"] = b.to(out_dtype).contiguous()
 
     config = _output_config(adapters, list(shapes), rank)
-    with output_directory(out_dir) as tmp:
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with new_directory(out_dir) as tmp:
+        write_adapter(tmp, config, tensors)
         written = (tmp / ADAPTER_WEIGHTS).stat().st_size
     return MergeReport(
         method=cfg.merge_method,

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from deltatune.atomic import new_directory
+from deltatune.formats.hf import ModelFiles, ShardedWriter, check_compatible, copy_side_files
 from deltatune.merge.config import MergeConfig, ParameterResolver, load_config, parse_size
 from deltatune.merge.inputs import (
     MergeInputs,
@@ -42,13 +44,6 @@ from deltatune.merge.inputs import (
     method_kwargs,
     resolve_inputs,
     torch_dtype,
-)
-from deltatune.merge.storage import (
-    ModelFiles,
-    ShardedWriter,
-    check_compatible,
-    copy_side_files,
-    output_directory,
 )
 
 CHUNK_ELEMENTS = 1 << 18
@@ -85,7 +80,7 @@ def _merge_models(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path, threads:
     entries = [(n, dtype_of(n), reference.tensors[n].shape) for n in names]
 
     groups = _layer_groups(names, lambda n: reference.tensors[n].numel)
-    with output_directory(out_dir) as tmp:
+    with new_directory(out_dir) as tmp:
         writer = ShardedWriter(tmp, entries, parse_size(cfg.shard_size))
 
         def merge_group(group: Sequence[str]) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from deltatune.formats import ADAPTER_CONFIG, MODEL_CONFIG
 from deltatune.merge.config import MergeConfig, ParameterResolver
 from deltatune.merge.methods import lines_scale
 
@@ -88,7 +89,7 @@ def method_kwargs(
 
 def _resolve_path(cfg: MergeConfig, name: str, loc: Sequence[str | int]) -> Path:
     path = Path(name).expanduser()
-    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+    if (path / ADAPTER_CONFIG).is_file() or (path / MODEL_CONFIG).is_file():
         return path.resolve()
     from deltatune.models import resolve  # 'default', .gguf, hub ids; imports transformers, so only then
 
@@ -111,7 +112,7 @@ def resolve_inputs(cfg: MergeConfig) -> MergeInputs:
         params.append(entry.parameters or {})
         names.append(entry.model)
         locs.append(["models", i])
-    kinds = [(m / "adapter_config.json").is_file() for m in models]
+    kinds = [(m / ADAPTER_CONFIG).is_file() for m in models]
     if any(kinds) and not all(kinds):
         raise cfg.error(
             locs[kinds.index(not kinds[0])], "mixes PEFT adapters and full models; merge one kind at a time"

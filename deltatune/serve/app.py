@@ -41,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltatune.formats.peft import CONFIG_NAME, WEIGHTS_NAME, AdapterError
+from deltatune.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FormatError
 from deltatune.serve import protocol as p
 from deltatune.serve.engine import Engine, EngineClosedError, EngineOverloadedError, Event
 from deltatune.serve.engine import Request as EngineRequest
@@ -117,7 +117,7 @@ def allowed_path(raw: str, roots: list[Path]) -> Path:
         raise APIError(400, "path must be a non-empty directory path", param="path", code="invalid_path")
     path = Path(raw).expanduser()
     path = (path if path.is_absolute() else roots[0] / path).resolve()
-    targets = [path, (path / CONFIG_NAME).resolve(), (path / WEIGHTS_NAME).resolve()]
+    targets = [path, (path / ADAPTER_CONFIG).resolve(), (path / ADAPTER_WEIGHTS).resolve()]
     if not all(any(t.is_relative_to(root) for root in roots) for t in targets):
         raise APIError(
             403,
@@ -325,7 +325,7 @@ def create_app(
             )
         try:
             await run_in_threadpool(engine.load_adapter, req.name, path)
-        except AdapterError as err:
+        except FormatError as err:
             raise APIError(400, str(err), param="path", code="invalid_adapter") from err
         except ValueError as err:  # a concurrent load of the same name won
             raise APIError(409, str(err), param="name", code="model_exists") from err

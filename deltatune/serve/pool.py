@@ -6,7 +6,7 @@ resident set lives under a memory budget in bytes (the adapters' own weights in 
 dtype; the stacks are padded to the largest rank, so mixed ranks can take more). When a load would
 pass the budget, resident adapters that no running request holds are evicted, least recently used
 first; an evicted adapter stays registered and is read back from disk (safetensors only, via
-`deltatune.formats.peft.read_adapter`) the next time a request names it, as in S-LoRA.
+`deltatune.formats.peft`) the next time a request names it, as in S-LoRA.
 
 Only LoRA and rsLoRA are served: DoRA and other methods are refused at registration with a message
 naming the adapter's config file. Any target subset and any ranks are fine; a module that no
@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.deltas import method_for_disk
-from deltatune.deltas.lora import lora_scale, pattern_value
-from deltatune.formats.peft import CONFIG_NAME, WEIGHTS_NAME, AdapterError, read_adapter
+from deltatune.formats import ADAPTER_WEIGHTS, FormatError
+from deltatune.formats.peft import LoraFactors, lora_modules, read_adapter
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 class UnknownAdapterError(KeyError):
@@ -43,13 +41,6 @@ class UnknownAdapterError(KeyError):
 
 class PoolBusyError(RuntimeError):
     """The budget is full of adapters that running requests hold; try again when one finishes."""
-
-
-@dataclass
-class LoraModuleWeights:
-    lora_a: torch.Tensor  # [r, in]
-    lora_b: torch.Tensor  # [out, r]
-    scale: float
 
 
 @dataclass
@@ -74,68 +65,35 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def read_lora(path: str | Path) -> dict[str, LoraModuleWeights]:
-    """LoRA weights by module path, scale per module (alpha / r or rsLoRA's alpha / sqrt(r))."""
-    path = Path(path)
-    disk, tensors = read_adapter(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    try:
-        method = method_for_disk(disk)
-    except ValueError as err:
-        raise AdapterError(f"{config_file}: {err}") from None
-    if method.name != "lora":
-        raise AdapterError(
-            f"{config_file}: method {method.name!r} cannot be served; only LoRA and rsLoRA can"
+def read_servable(path: str | Path) -> dict[str, LoraFactors]:
+    """The LoRA factors of an adapter the batched engine can serve; other methods name the file."""
+    adapter = read_adapter(path)
+    if not adapter.method.servable:
+        raise FormatError(
+            f"{adapter.config_file}: method {adapter.method.name!r} cannot be served; only LoRA and rsLoRA can"
         )
-    state = method.from_disk(tensors)
-    bad = next((k for k in state if not k.endswith(_SUFFIXES)), None)
-    if bad is not None:
-        raise AdapterError(f"{weights_file}: key {bad!r} is not a LoRA A/B weight; it cannot be served")
-    alpha = float(disk.get("lora_alpha", 8))
-    alpha_pattern = disk.get("alpha_pattern") or {}
-    rslora = bool(disk.get("use_rslora", False))
-    modules: dict[str, LoraModuleWeights] = {}
-    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
-        module = key.removesuffix(".lora_A.weight")
-        a, b = state[key], state.get(module + ".lora_B.weight")
-        if b is None:
-            raise AdapterError(f"{weights_file}: {module}.lora_A.weight has no matching lora_B.weight")
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
-            raise AdapterError(
-                f"{weights_file}: {module}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not chain"
-            )
-        r = a.shape[0]
-        scale = lora_scale(r, float(pattern_value(alpha_pattern, module, alpha)), rslora)
-        modules[module] = LoraModuleWeights(a, b, scale)
-    orphans = {k.removesuffix(".lora_B.weight") for k in state if k.endswith(".lora_B.weight")} - set(modules)
-    if orphans:
-        raise AdapterError(
-            f"{weights_file}: {sorted(orphans)[0]}.lora_B.weight has no matching lora_A.weight"
-        )
-    if not modules:
-        raise AdapterError(f"{weights_file}: no lora_A weights found")
-    return modules
+    return lora_modules(adapter).modules
 
 
-def check_fits(model: nn.Module, modules: dict[str, LoraModuleWeights], where: Path) -> None:
+def check_fits(model: nn.Module, modules: dict[str, LoraFactors], where: Path) -> None:
     """Every target is a linear layer of `model` with matching in/out features."""
     for path, w in modules.items():
         try:
             layer = model.get_submodule(path)
         except AttributeError:
-            raise AdapterError(
-                f"{where / WEIGHTS_NAME}: module {path} does not exist in the base model"
+            raise FormatError(
+                f"{where / ADAPTER_WEIGHTS}: module {path} does not exist in the base model"
             ) from None
         if isinstance(layer, MultiLoraLinear):
             layer = layer.base_layer
         if not isinstance(layer, nn.Linear):
-            raise AdapterError(
-                f"{where / WEIGHTS_NAME}: {path} is {type(layer).__name__}, not a linear layer"
+            raise FormatError(
+                f"{where / ADAPTER_WEIGHTS}: {path} is {type(layer).__name__}, not a linear layer"
             )
         want = (layer.out_features, layer.in_features)
-        if (w.lora_b.shape[0], w.lora_a.shape[1]) != want:
-            raise AdapterError(
-                f"{where / WEIGHTS_NAME}: {path} maps {w.lora_a.shape[1]} -> {w.lora_b.shape[0]} features, "
+        if (w.b.shape[0], w.a.shape[1]) != want:
+            raise FormatError(
+                f"{where / ADAPTER_WEIGHTS}: {path} maps {w.a.shape[1]} -> {w.b.shape[0]} features, "
                 f"the base layer {want[1]} -> {want[0]}"
             )
 
@@ -173,11 +131,11 @@ class AdapterPool:
         """Validate and load an adapter now (evicting idle ones if needed); errors name the file."""
         validate_adapter_name(name)
         path = Path(path)
-        modules = read_lora(path)  # file I/O outside the lock
+        modules = read_servable(path)  # file I/O outside the lock
         check_fits(self.model, modules, path)
         nbytes = self._nbytes(modules)
         if self.budget_bytes is not None and nbytes > self.budget_bytes:
-            raise AdapterError(
+            raise FormatError(
                 f"{path}: needs {nbytes} bytes, more than the pool budget of {self.budget_bytes}"
             )
         with self.lock:
@@ -218,7 +176,7 @@ class AdapterPool:
                 raise UnknownAdapterError(name)
             if name not in self.resident:
                 path = self.paths[name]
-                modules = read_lora(path)
+                modules = read_servable(path)
                 check_fits(self.model, modules, path)
                 self._make_resident(name, modules, self._nbytes(modules))
             entry = self.resident[name]
@@ -252,18 +210,18 @@ class AdapterPool:
             }
 
     # --- internals (called with the lock held) --------------------------------------------------
-    def _nbytes(self, modules: dict[str, LoraModuleWeights]) -> int:
+    def _nbytes(self, modules: dict[str, LoraFactors]) -> int:
         size = torch.empty((), dtype=self.dtype).element_size()
-        return sum((w.lora_a.numel() + w.lora_b.numel()) * size for w in modules.values())
+        return sum((w.a.numel() + w.b.numel()) * size for w in modules.values())
 
-    def _make_resident(self, name: str, modules: dict[str, LoraModuleWeights], nbytes: int) -> None:
+    def _make_resident(self, name: str, modules: dict[str, LoraFactors], nbytes: int) -> None:
         self._evict_for(nbytes)
         slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
         for path, w in modules.items():
             layer = self.layers.get(path)
             if layer is None:
                 layer = self.layers[path] = wrap_linear(self.model, path, self.routing, self.prepack)
-            layer.write_slot(slot, w.lora_a, w.lora_b, w.scale)
+            layer.write_slot(slot, w.a, w.b, w.scale)
         self._targets[name] = list(modules)
         self.resident[name] = _Resident(slot, nbytes)
         self.stats.loads += 1

@@ -1,16 +1,18 @@
-"""Model directories in and out, one tensor at a time.
+"""HF model directories, read and written in one place, one tensor at a time.
 
-Reading: a HF model directory is indexed once from its safetensors headers (single file, or shards
-listed in `model.safetensors.index.json`); each tensor is then read through `safetensors.safe_open`,
-which memory-maps the file, so a tensor costs no copy and its pages leave the process when the
-tensor is freed. Nothing holds a whole model in memory.
+Reading: `ModelFiles(dir)` indexes a directory once from its safetensors headers: the shards
+listed in `model.safetensors.index.json` if there is one, else every `*.safetensors` file (a
+single `model.safetensors` or shards without an index). Each tensor is then read through
+`safetensors.safe_open`, which memory-maps the file, so a tensor costs no copy and its pages leave
+the process when it is freed. Nothing holds a whole model in memory. Only safetensors is read,
+never pickle; every bad input raises `FormatError` naming the file (and key).
 
-Writing: safetensors' own writers (`save_file`) need every tensor of a shard in memory at once. A
+Writing: safetensors' own writer (`save_file`) needs every tensor of a shard in memory at once. A
 streaming merge knows every output name, dtype and shape before computing anything, so the
 `ShardedWriter` lays out each shard up front, writes the safetensors header (8-byte length + JSON,
 per the format spec) and then lets worker threads `pwrite` each tensor, or each chunk of one, at
-its offset as soon as it is computed. The files are re-opened with `safe_open` at the end as a check.
-Everything is written into a temporary directory next to the output and renamed into place.
+its offset as soon as it is computed. `copy_side_files` carries the config (dtype updated) and the
+tokenizer, chat template and other small files of a source directory over to an output.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from deltatune.atomic import atomic_directory
+from deltatune.formats import MODEL_CONFIG, FormatError, read_json
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,12 +40,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Copied verbatim from the base model: its config (dtype updated) and its tokenizer.
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json",
-)  # fmt: skip
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".index.json")
 # Output-embedding names that tied models leave out of their files, and what they are tied to.
 TIED_ALIASES = {
     "lm_head.weight": (
@@ -52,10 +49,6 @@ TIED_ALIASES = {
         "model.decoder.embed_tokens.weight",
     )
 }
-
-
-class MergeError(RuntimeError):
-    """Inputs that cannot be merged (missing tensors, mismatched shapes, unreadable files)."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +68,10 @@ class TensorInfo:
 class ModelFiles:
     """The tensors of one HF model directory, by name; reads are memory-mapped, one tensor at a time."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FormatError(f"model directory not found: {self.directory}")
         self.tensors: dict[str, TensorInfo] = {}
         for file in self._weight_files():
             try:
@@ -85,20 +80,32 @@ class ModelFiles:
                         sl = handle.get_slice(name)
                         dtype = SAFETENSORS_DTYPES[sl.get_dtype()]
                         self.tensors[name] = TensorInfo(file, dtype, tuple(sl.get_shape()))
-            except (OSError, ValueError, KeyError) as err:  # safetensors raises SafetensorError(ValueError)
-                raise MergeError(f"cannot read {file}: {err}") from err
-        config_path = self.directory / "config.json"
-        self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
+            except (SafetensorError, OSError, ValueError, KeyError) as err:
+                raise FormatError(f"{file}: not a valid safetensors file ({err})") from None
+        config_path = self.directory / MODEL_CONFIG
+        self.config: dict = read_json(config_path) if config_path.is_file() else {}
 
     def _weight_files(self) -> list[Path]:
         index = self.directory / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [self.directory / f for f in sorted(set(weight_map.values()))]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise FormatError(f"{index}: no 'weight_map'")
+            shards = [self.directory / f for f in sorted(set(weight_map.values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise FormatError(f"{shard}: missing (listed in {index})")
+            return shards
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
-            raise MergeError(f"{self.directory} has no safetensors weights (only safetensors are read)")
+            raise FormatError(
+                f"{self.directory}: no {SINGLE_NAME}, {INDEX_NAME} or other *.safetensors weights "
+                "(only safetensors weights are read, never pickle)"
+            )
         return files
+
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
 
     def source_name(self, name: str) -> str | None:
         """The stored name holding tensor `name`: itself, or the input embedding it is tied to."""
@@ -111,7 +118,7 @@ class ModelFiles:
     def info(self, name: str) -> TensorInfo:
         source = self.source_name(name)
         if source is None:
-            raise MergeError(f"tensor {name} is missing from {self.directory}")
+            raise FormatError(f"tensor {name} is missing from {self.directory}")
         return self.tensors[source]
 
     @contextmanager
@@ -126,9 +133,12 @@ class ModelFiles:
 
             def read(name: str) -> torch.Tensor:
                 info = self.info(name)
-                if info.file not in handles:
-                    handles[info.file] = stack.enter_context(safe_open(info.file, "pt"))
-                return handles[info.file].get_tensor(self.source_name(name))
+                try:
+                    if info.file not in handles:
+                        handles[info.file] = stack.enter_context(safe_open(info.file, "pt"))
+                    return handles[info.file].get_tensor(self.source_name(name))
+                except (SafetensorError, OSError) as err:
+                    raise FormatError(f"{info.file}: cannot read tensor {name!r} ({err})") from None
 
             yield read
 
@@ -137,27 +147,6 @@ class ModelFiles:
             if isinstance(self.config.get(key), int):
                 return self.config[key]
         return None
-
-
-def check_compatible(reference: ModelFiles, others: Sequence[ModelFiles]) -> None:
-    """Every tensor of the reference exists with the same shape in every other model."""
-    for name, info in reference.tensors.items():
-        for model in others:
-            source = model.source_name(name)
-            if source is None:
-                raise MergeError(
-                    f"tensor {name} is missing from {model.directory} (it is in {reference.directory})"
-                )
-            shape = model.tensors[source].shape
-            if shape != info.shape:
-                raise MergeError(
-                    f"tensor {name} has shape {list(shape)} in {model.directory} "
-                    f"but {list(info.shape)} in {reference.directory}"
-                )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Writing
 
 
 @dataclass(frozen=True)
@@ -230,11 +219,11 @@ class ShardedWriter:
         """Write `tensor` (or a flat chunk of it beginning at element `start`) into its slot."""
         slot = self.slots[name]
         if tensor.dtype != slot.dtype:
-            raise MergeError(f"tensor {name}: writing {tensor.dtype} into a {slot.dtype} slot")
+            raise RuntimeError(f"tensor {name}: writing {tensor.dtype} into a {slot.dtype} slot")
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         offset = start * tensor.element_size()
         if offset + data.numel() > slot.nbytes:
-            raise MergeError(f"tensor {name}: write past the end of its slot")
+            raise RuntimeError(f"tensor {name}: write past the end of its slot")
         _pwrite_all(self._fds[slot.fd_index], memoryview(data.numpy()), slot.offset + offset)
         return data.numel()
 
@@ -249,7 +238,9 @@ class ShardedWriter:
             with safe_open(self.directory / file_name, "pt") as handle:
                 expected = {n for n, f in self.weight_map.items() if f == file_name}
                 if set(handle.keys()) != expected:
-                    raise MergeError(f"internal error: {file_name} does not list the tensors laid out for it")
+                    raise RuntimeError(
+                        f"internal error: {file_name} does not list the tensors laid out for it"
+                    )
 
     def abort(self) -> None:
         for fd in self._fds:
@@ -264,29 +255,41 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[written:], offset + written
 
 
-def output_directory(out_dir: Path) -> AbstractContextManager[Path]:
-    """`atomic_directory(out_dir)`, refused if `out_dir` exists and is not an empty directory."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise MergeError(f"output directory {out_dir} already exists and is not empty")
-    return atomic_directory(out_dir)
-
-
-def copy_side_files(source: Path, target: Path, dtype: torch.dtype | None) -> list[str]:
-    """Copy config.json (with the output dtype), generation config and tokenizer files."""
+def copy_side_files(source: Path, target: Path, dtype: torch.dtype | None = None) -> list[str]:
+    """Copy config.json (with `dtype` written in, if given), tokenizer, chat template, generation
+    config and any other small file of `source`; never weights. Returns the names copied."""
     copied = []
-    config_path = source / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if dtype is not None:
+    for item in sorted(Path(source).iterdir()):
+        if not item.is_file() or item.name.startswith(".") or item.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        if item.name == MODEL_CONFIG and dtype is not None:
+            config = read_json(item)
             name = str(dtype).removeprefix("torch.")
-            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
-            for key in keys:
+            for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
                 config[key] = name
-        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copied.append("config.json")
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-            copied.append(name)
+            (target / MODEL_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            shutil.copyfile(item, target / item.name)
+        copied.append(item.name)
     return copied
+
+
+def check_compatible(reference: ModelFiles, others: Sequence[ModelFiles], exact: bool = False) -> None:
+    """Every tensor of the reference exists with the same shape in every other model (a tied
+    output embedding may stand for itself); with `exact`, the others hold no tensor besides."""
+    for model in others:
+        for name, info in reference.tensors.items():
+            source = model.source_name(name)
+            if source is None:
+                raise FormatError(
+                    f"tensor {name} is missing from {model.directory} (it is in {reference.directory})"
+                )
+            shape = model.tensors[source].shape
+            if shape != info.shape:
+                raise FormatError(
+                    f"tensor {name} has shape {list(shape)} in {model.directory} "
+                    f"but {list(info.shape)} in {reference.directory}"
+                )
+        extra = sorted(set(model.tensors) - set(reference.tensors)) if exact else []
+        if extra:
+            raise FormatError(f"tensor {extra[0]} of {model.directory} is not in {reference.directory}")
