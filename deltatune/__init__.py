@@ -43,13 +43,16 @@ def load(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A transformers model (name, directory or instance) with the adapter at `adapter` attached.
+    """A transformers model (name, directory or instance) with the delta at `adapter` applied.
 
-    `dtype` defaults to float32 for a model loaded here; an instance keeps its own."""
+    `adapter` is any delta deltatune writes: a PEFT adapter of any method (attached as a delta,
+    so it can be merged, saved or disabled), or a dense or compressed delta directory (decoded
+    and added to the base weights in fp32). `dtype` defaults to float32 for a model loaded here;
+    an instance keeps its own."""
     import torch
     from torch import nn
 
-    from deltatune.formats.peft import load_delta
+    from deltatune.formats import delta_kind
 
     if isinstance(base, nn.Module):
         model = base
@@ -58,7 +61,14 @@ def load(
 
         model = load_model(base, dtype=dtype or torch.float32, device=device)
     if adapter is not None:
-        load_delta(model, adapter)
+        if delta_kind(adapter) == "adapter":
+            from deltatune.formats.peft import load_delta
+
+            load_delta(model, adapter)
+        else:
+            from deltatune.compress.container import load_delta_into
+
+            load_delta_into(model, adapter)
         model.to(device)
     return model.eval()
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deltatune import load
 from deltatune.atomic import atomic_directory
 from deltatune.deltas import merge_into_base
-from deltatune.formats.peft import load_delta
 from deltatune.models import load_model, load_tokenizer
 
 
@@ -28,8 +28,9 @@ def export_merged(base: str, adapter: str | os.PathLike, out: str | os.PathLike)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output directory")
-    model = load_model(base, dtype=torch.float32)
-    merge_into_base(load_delta(model, adapter))
+    model = load(load_model(base, dtype=torch.float32), adapter)  # any delta kind deltatune writes
+    if hasattr(model, "delta_method"):  # an attached delta; dense and compressed ones are added already
+        merge_into_base(model)
     declare_new_biases(model)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)

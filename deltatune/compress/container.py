@@ -160,6 +160,25 @@ def decode_parts(
     return decoded
 
 
+def compressed_lora(path: Path) -> dict[str, LoraFactors]:
+    """The LoRA factors of a LoRA compressed in the `lora_factors` layout, decoded (for serving)."""
+    config, _ = read_compressed(path)
+    if config.layout != "lora_factors":
+        raise FormatError(
+            f"{Path(path) / COMPRESSED_CONFIG}: layout {config.layout!r} holds no LoRA factors; only LoRA "
+            "compressed with lora_mode='factors' can be batched (or decompress with --rank R)"
+        )
+    return {
+        name: LoraFactors(
+            parts["lora_A"],
+            parts["lora_B"],
+            1.0 if entry.lora_scale is None else entry.lora_scale,
+            entry.transposed,
+        )
+        for name, entry, parts in iter_compressed(path)
+    }
+
+
 def iter_compressed(path: Path) -> Iterator[tuple[str, TensorEntry, dict[str, torch.Tensor]]]:
     """(name, entry, decoded fp32 parts) for each tensor of a compressed directory."""
     config, stored = read_compressed(path)

@@ -27,6 +27,14 @@ DENSE_CONFIG = "delta_config.json"  # a dense delta (formats/dense.py)
 DENSE_WEIGHTS = "delta_model.safetensors"
 COMPRESSED_CONFIG = "compression_config.json"  # a compressed delta (compress/container.py)
 COMPRESSED_WEIGHTS = "delta_compressed.safetensors"
+DELTA_FILES = (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DENSE_CONFIG,
+    DENSE_WEIGHTS,
+    COMPRESSED_CONFIG,
+    COMPRESSED_WEIGHTS,
+)
 
 
 class FormatError(ValueError):

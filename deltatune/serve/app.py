@@ -41,7 +41,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltatune.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FormatError
+from deltatune.formats import DELTA_FILES, FormatError
 from deltatune.serve import protocol as p
 from deltatune.serve.engine import Engine, EngineClosedError, EngineOverloadedError, Event
 from deltatune.serve.engine import Request as EngineRequest
@@ -117,7 +117,7 @@ def allowed_path(raw: str, roots: list[Path]) -> Path:
         raise APIError(400, "path must be a non-empty directory path", param="path", code="invalid_path")
     path = Path(raw).expanduser()
     path = (path if path.is_absolute() else roots[0] / path).resolve()
-    targets = [path, (path / ADAPTER_CONFIG).resolve(), (path / ADAPTER_WEIGHTS).resolve()]
+    targets = [path, *((path / name).resolve() for name in DELTA_FILES)]  # every file a reader opens
     if not all(any(t.is_relative_to(root) for root in roots) for t in targets):
         raise APIError(
             403,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.formats import ADAPTER_WEIGHTS, FormatError
+from deltatune.formats import ADAPTER_WEIGHTS, DENSE_CONFIG, FormatError, delta_kind
 from deltatune.formats.peft import LoraFactors, lora_modules, read_adapter
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
 
@@ -66,7 +66,18 @@ def validate_adapter_name(name: str) -> str:
 
 
 def read_servable(path: str | Path) -> dict[str, LoraFactors]:
-    """The LoRA factors of an adapter the batched engine can serve; other methods name the file."""
+    """The LoRA factors of a delta the batched engine can serve: a LoRA adapter, or a LoRA
+    compressed in the factors layout (decoded here). Anything else is refused, naming the file."""
+    kind = delta_kind(path)
+    if kind == "compressed":
+        from deltatune.compress.container import compressed_lora
+
+        return compressed_lora(Path(path))
+    if kind == "dense":
+        raise FormatError(
+            f"{Path(path) / DENSE_CONFIG}: a dense delta cannot be batched with other adapters; fold it into "
+            f"the base (deltatune export OUT --adapter {path} --merge) and serve OUT as --base"
+        )
     adapter = read_adapter(path)
     if not adapter.method.servable:
         raise FormatError(
