@@ -25,39 +25,39 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what to train
-    model: str = "default"
-    method: str = "lora"
-    task: str | None = None  # a built-in task (deltatune.data.tasks); used when `data` is not given
-    data: str | None = None  # jsonl / json / csv / parquet file
-    eval_data: str | None = None
-    train_samples: int = Field(3000, ge=1)
-    eval_samples: int = Field(100, ge=0)
-    train_on_prompt: bool = False
-    output: str | None = None  # default: runs/<timestamp>-<method>
+    model: str = Field("default", description="'default', a HF directory, a .gguf file or a cached hub id")
+    method: str = Field("lora", description="delta method (lora, dora, ia3, ...); adds its own keys")
+    task: str | None = Field(None, description="built-in task, used without data (default: reversal)")
+    data: str | None = Field(None, description="training file: jsonl, json, csv or parquet")
+    eval_data: str | None = Field(None, description="eval file (default: the task's test split)")
+    train_samples: int = Field(3000, ge=1, description="samples generated from the task")
+    eval_samples: int = Field(100, ge=0, description="eval items (0: no eval on a task, all of eval_data)")
+    train_on_prompt: bool = Field(False, description="loss on prompt tokens too, not only the answer")
+    output: str | None = Field(None, description="run directory (default: runs/<time>-<method>)")
     # optimisation
-    learning_rate: float = Field(2e-3, gt=0)
-    lora_plus_ratio: float = Field(1.0, gt=0)  # LoRA+: B (and other "up" matrices) train at lr * ratio
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(6, ge=0)
-    max_steps: int = Field(60, ge=1)
-    batch_size: int = Field(4, ge=1)  # packed rows per micro-batch, per process
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(512, ge=8)
-    max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate")
+    lora_plus_ratio: float = Field(1.0, gt=0, description="LoRA+: B (and other up factors) at lr * ratio")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    warmup_steps: int = Field(6, ge=0, description="linear warmup steps")
+    max_steps: int = Field(60, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="packed rows per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(512, ge=8, description="tokens per packed row; longer samples are truncated")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
     # execution
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = Field(1024, ge=16)
-    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, slower")
+    loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the LM head and loss")
+    seed: int = Field(0, description="seed for data, initialisation and dropout")
     # bookkeeping
-    log_every: int = Field(5, ge=1)
-    eval_every: int = Field(0, ge=0)  # eval loss every N steps; 0 = only at the end
-    save_every: int = Field(50, ge=0)  # checkpoint every N steps; 0 = only at the end
-    keep_checkpoints: int = Field(2, ge=1)
-    resume: bool = False
-    eval_max_new_tokens: int = Field(24, ge=1)
+    log_every: int = Field(5, ge=1, description="print and log metrics every N steps")
+    eval_every: int = Field(0, ge=0, description="eval loss every N steps (0: only at the end)")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory")
+    resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    eval_max_new_tokens: int = Field(24, ge=1, description="greedy tokens per answer for exact match")
     # method-specific keys, validated against the method's own config class
     method_args: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
@@ -131,12 +131,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"config key '{key.replace('-', '_')}': missing value after {arg}")
             value = args[i + 1]
             i += 1
-        out[key.replace("-", "_")] = _yaml_scalar(value)
+        out[key.replace("-", "_")] = parse_scalar(value)
         i += 1
     return out
 
 
-def _yaml_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
+    """A command-line value as YAML reads it (1e-3 -> float, true -> bool, [a, b] -> list); else the text."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

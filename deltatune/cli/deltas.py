@@ -1,8 +1,4 @@
-"""CLI verbs for what comes after training: merge, compress, decompress, extract, serve.
-
-Thin on purpose: parse, validate, call the library, print its report. Registered on the main
-`deltatune` app by deltatune.cli.
-"""
+"""Working on deltas after training: merge, compress, decompress, extract."""
 
 from __future__ import annotations
 
@@ -11,38 +7,22 @@ from typing import Annotated
 
 import typer
 
-
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg="red", err=True)
-    raise typer.Exit(2)
+from deltatune.cli import app, expected_errors, fail, key_values
 
 
-def _key_values(items: list[str], what: str) -> dict[str, object]:
-    from deltatune.train.config import _yaml_scalar
-
-    out: dict[str, object] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            _fail(ValueError(f"{what} expects key=value, got {item!r}"))
-        out[key.replace("-", "_")] = _yaml_scalar(value)
-    return out
-
-
+@app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="mergekit-style YAML")],
     out_dir: Annotated[Path, typer.Argument(help="output directory (HF model or PEFT adapter)")],
     threads: Annotated[int | None, typer.Option(help="worker threads (default: all cores)")] = None,
 ) -> None:
     """Merge full models or LoRA adapters (linear, task_arithmetic, ties, dare_*, breadcrumbs, model_stock, slerp)."""
-    from deltatune.merge.config import MergeConfigError
     from deltatune.merge.executor import run_merge
-    from deltatune.merge.storage import MergeError
 
     try:
         report = run_merge(config, out_dir, threads=threads)
-    except (MergeConfigError, MergeError, FileNotFoundError, ValueError) as err:
-        _fail(err)
+    except expected_errors() as err:
+        fail(err)
     typer.echo(
         f"{report.method}: merged {report.tensors} tensors ({report.bytes_written / 2**20:.1f} MiB) "
         f"in {report.seconds:.1f} s -> {report.out_dir}"
@@ -52,6 +32,7 @@ def merge(
         typer.echo(f"rank {report.rank}: worst relative reconstruction error {worst[1]:.4f} ({worst[0]})")
 
 
+@app.command()
 def compress(
     src: Annotated[Path, typer.Argument(help="PEFT adapter dir, or a fine-tuned model dir (with --base)")],
     out: Annotated[Path, typer.Argument(help="output directory")],
@@ -64,11 +45,12 @@ def compress(
     overwrite: bool = False,
 ) -> None:
     """Compress a LoRA adapter or a full-model delta; prints the size ratio and errors."""
-    from deltatune.compress import DeltaInputError, format_report
     from deltatune.compress import compress as run
+    from deltatune.compress import format_report
 
     is_adapter = (src / "adapter_config.json").is_file()
     source = src if is_adapter or base is None else (base, src)
+    params = key_values(param, "--param")
     try:
         report = run(
             source,
@@ -77,13 +59,14 @@ def compress(
             lora_mode=lora_mode,
             overwrite=overwrite,
             base=base if is_adapter else None,
-            **_key_values(param, "--param"),
+            **params,
         )
-    except (DeltaInputError, ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(err)
+    except expected_errors() as err:
+        fail(err)
     typer.echo(format_report(report))
 
 
+@app.command()
 def decompress(
     src: Annotated[Path, typer.Argument(help="compressed directory")],
     out: Annotated[Path, typer.Argument(help="output directory")],
@@ -91,16 +74,16 @@ def decompress(
     overwrite: bool = False,
 ) -> None:
     """Decompress to a PEFT adapter, a dense delta, or a full HF model directory."""
-    from deltatune.compress import DeltaInputError
     from deltatune.compress import decompress as run
 
     try:
         path = run(src, out, base=base, overwrite=overwrite)
-    except (DeltaInputError, ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(err)
+    except expected_errors() as err:
+        fail(err)
     typer.echo(f"wrote {path}")
 
 
+@app.command()
 def extract(
     base: Annotated[Path, typer.Argument(help="base model dir")],
     finetuned: Annotated[Path, typer.Argument(help="fine-tuned model dir")],
@@ -109,49 +92,10 @@ def extract(
     overwrite: bool = False,
 ) -> None:
     """Turn a full fine-tune into a PEFT LoRA by (randomized) SVD; prints captured energy per module."""
-    from deltatune.compress import DeltaInputError, extract_lora, format_report
+    from deltatune.compress import extract_lora, format_report
 
     try:
         report = extract_lora(base, finetuned, out, rank, overwrite=overwrite)
-    except (DeltaInputError, ValueError, FileNotFoundError, FileExistsError) as err:
-        _fail(err)
+    except expected_errors() as err:
+        fail(err)
     typer.echo(format_report(report))
-
-
-def serve(
-    base: Annotated[str, typer.Option(help="'default', a HF directory or a .gguf file")] = "default",
-    adapter: Annotated[list[str], typer.Option(help="name=path, repeatable")] = [],  # noqa: B006
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="DELTATUNE_API_KEY", help="required Bearer key")
-    ] = None,
-    allow_adapter_dir: Annotated[list[Path], typer.Option(help="dirs POST /v1/adapters may load from")] = [],  # noqa: B006
-    option: Annotated[list[str], typer.Option("--option", "-o", help="engine option key=value")] = [],  # noqa: B006
-) -> None:
-    """OpenAI-compatible server for the base model and many adapters at once."""
-    from deltatune.serve.app import serve as run
-
-    adapters = {}
-    for item in adapter:
-        name, eq, path = item.partition("=")
-        if not eq:
-            _fail(ValueError(f"--adapter expects name=path, got {item!r}"))
-        adapters[name] = Path(path)
-    try:
-        run(
-            base,
-            adapters,
-            host=host,
-            port=port,
-            api_key=api_key,
-            allowed_adapter_dirs=allow_adapter_dir,
-            **_key_values(option, "--option"),
-        )
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-
-
-def register(app: typer.Typer) -> None:
-    for verb in (merge, compress, decompress, extract, serve):
-        app.command()(verb)

@@ -1,0 +1,105 @@
+"""Using a model with an adapter: generate, chat, eval, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli import app, expected_errors, fail
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="'default', a HF directory, a .gguf file or a cached hub id")
+]
+AdapterOpt = Annotated[Path | None, typer.Option("--adapter", "-a", help="adapter directory (PEFT format)")]
+
+
+def _load(model: str, adapter: Path | None):
+    import deltatune
+    from deltatune.models import load_tokenizer
+
+    try:
+        return deltatune.load(model, adapter=adapter), load_tokenizer(model)
+    except expected_errors() as err:
+        fail(err)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="user message (or raw text with --raw)")],
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    max_new_tokens: int = 64,
+    raw: Annotated[bool, typer.Option(help="no chat template")] = False,
+) -> None:
+    """Greedy generation for one prompt."""
+    from deltatune.train.evaluate import generate as gen
+
+    lm, tok = _load(model, adapter)
+    text = prompt if raw else [{"role": "user", "content": prompt}]
+    typer.echo(gen(lm, tok, [text], max_new_tokens=max_new_tokens)[0])
+
+
+@app.command()
+def chat(model: ModelOpt = "default", adapter: AdapterOpt = None, max_new_tokens: int = 256) -> None:
+    """Interactive chat (empty line or Ctrl-D to quit)."""
+    from deltatune.train.evaluate import generate as gen
+
+    lm, tok = _load(model, adapter)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = gen(lm, tok, [history], max_new_tokens=max_new_tokens)[0]
+        history.append({"role": "assistant", "content": reply})
+        typer.echo(f"bot> {reply}")
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    task: Annotated[str | None, typer.Option(help="built-in task name")] = None,
+    data: Annotated[Path | None, typer.Option(help="jsonl/json/csv/parquet eval file")] = None,
+    n: Annotated[int, typer.Option(help="number of items")] = 100,
+    seed: int = 0,
+    max_new_tokens: int = 32,
+) -> None:
+    """Exact match of greedy answers on a built-in task's test split or an eval file."""
+    from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task, exact_match_score
+
+    if (task is None) == (data is None):
+        fail("give exactly one of --task or --data")
+    try:
+        items = eval_items_from_task(task, n, seed=seed) if task else eval_items_from_file(data)[:n]
+    except expected_errors() as err:
+        fail(err)
+    lm, tok = _load(model, adapter)
+    result = exact_match_score(lm, tok, items, max_new_tokens=max_new_tokens)
+    typer.echo(f"exact match: {100 * result['exact_match']:.1f}% of {result['n']}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="output HF model directory")],
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter into the weights")] = False,
+) -> None:
+    """Write a merged HF model directory that plain transformers loads."""
+    import deltatune
+    from deltatune.export import export_merged
+
+    if not merge or adapter is None:
+        fail("export needs --adapter and --merge (a merged model directory is the output)")
+    try:
+        path = export_merged(model, adapter, out)
+    except expected_errors() as err:
+        fail(err)
+    typer.echo(f"wrote {path} (deltatune {deltatune.__version__})")

@@ -1,0 +1,69 @@
+"""`deltatune serve`: the OpenAI-compatible server; engine options are checked before the model loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deltatune.cli import app, expected_errors, fail, key_values, keys_help, with_keys_help
+
+
+def _engine_options_help(args: list[str]) -> str:
+    from deltatune.serve.engine import LoadOptions
+
+    return keys_help("Engine options (-o key=value, repeatable)", LoadOptions, flags=False)
+
+
+def _engine_options(items: list[str]) -> dict[str, object]:
+    from pydantic import ValidationError
+
+    from deltatune.serve.engine import LoadOptions
+
+    values = key_values(items, "--option")
+    for key in values.keys() - LoadOptions.model_fields.keys():
+        fail(f"--option {key}: unknown engine option; valid: {', '.join(LoadOptions.model_fields)}")
+    try:
+        return LoadOptions(**values).model_dump(exclude_unset=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        fail(f"--option {first['loc'][0]}: {first['msg']} (got {first['input']!r})")
+
+
+@app.command(cls=with_keys_help(_engine_options_help))
+def serve(
+    base: Annotated[str, typer.Option(help="'default', a HF directory or a .gguf file")] = "default",
+    adapter: Annotated[list[str], typer.Option(help="name=path, repeatable")] = [],  # noqa: B006
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DELTATUNE_API_KEY", help="required Bearer key")
+    ] = None,
+    allow_adapter_dir: Annotated[list[Path], typer.Option(help="dirs POST /v1/adapters may load from")] = [],  # noqa: B006
+    option: Annotated[
+        list[str], typer.Option("--option", "-o", help="engine option key=value (listed below)")
+    ] = [],  # noqa: B006
+) -> None:
+    """OpenAI-compatible server for the base model and many adapters at once."""
+    from deltatune.serve.app import serve as run
+
+    adapters = {}
+    for item in adapter:
+        name, eq, path = item.partition("=")
+        if not eq:
+            fail(f"--adapter expects name=path, got {item!r}")
+        adapters[name] = Path(path)
+    options = _engine_options(option)
+    try:
+        run(
+            base,
+            adapters,
+            host=host,
+            port=port,
+            api_key=api_key,
+            allowed_adapter_dirs=allow_adapter_dir,
+            **options,
+        )
+    except expected_errors() as err:
+        fail(err)
