@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import deltatune
-from deltatune.formats.peft import AdapterError, save_delta
+from deltatune.formats import FormatError
+from deltatune.formats.peft import save_delta
 from deltatune.models import tiny_llama
 
 CASES = {
@@ -107,33 +108,33 @@ def test_bad_adapters_name_the_file(tmp_path):
     save_delta(model, tmp_path / "a")
     # corrupt weights
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(AdapterError, match="adapter_model.safetensors"):
+    with pytest.raises(FormatError, match="adapter_model.safetensors"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "a")
     # shape mismatch: adapter made for a wider model
     wide = deltatune.add_delta(tiny_llama(seed=0, hidden_size=128, intermediate_size=256), "lora", lora_r=4)
     save_delta(wide, tmp_path / "w")
     with pytest.raises(
-        AdapterError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"
+        FormatError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"
     ):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "w")
     # a module the model does not have
     deep = deltatune.add_delta(tiny_llama(seed=0, num_hidden_layers=3), "lora", lora_r=4)
     save_delta(deep, tmp_path / "d")
-    with pytest.raises(AdapterError, match="does not fit this model|matches no module"):
+    with pytest.raises(FormatError, match="does not fit this model|matches no module"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "d")
     # unknown peft type, bad JSON, missing dir, pickle only
     save_delta(model, tmp_path / "t")
     cfg = json.loads((tmp_path / "t" / "adapter_config.json").read_text())
     (tmp_path / "t" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "XLORA"}))
-    with pytest.raises(AdapterError, match="adapter_config.json: peft_type 'XLORA' is not supported"):
+    with pytest.raises(FormatError, match="adapter_config.json: peft_type 'XLORA' is not supported"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "t")
     (tmp_path / "t" / "adapter_config.json").write_text("{not json")
-    with pytest.raises(AdapterError, match="adapter_config.json: invalid JSON at line 1"):
+    with pytest.raises(FormatError, match="adapter_config.json: invalid JSON at line 1"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "t")
-    with pytest.raises(AdapterError, match="adapter directory not found"):
+    with pytest.raises(FormatError, match="adapter directory not found"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "nope")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "adapter_config.json").write_text("{}")
     (tmp_path / "b" / "adapter_model.bin").write_bytes(b"x")
-    with pytest.raises(AdapterError, match="never loaded"):
+    with pytest.raises(FormatError, match="never loaded"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "b")

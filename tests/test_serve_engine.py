@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import deltatune
-from deltatune.formats.peft import AdapterError
+from deltatune.formats import FormatError
 from deltatune.models import load_tokenizer, tiny_llama
 from deltatune.serve import Engine, SamplingParams
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters
@@ -174,7 +174,7 @@ def test_lru_eviction_under_a_tiny_budget(tokenizer, adapters):
     one.register("attn", adapters["attn"])
     budget = 2 * one.used_bytes()  # room for two "attn"-sized adapters
     pool = AdapterPool(model, RowAdapters(), budget_bytes=budget)
-    with pytest.raises(AdapterError, match="budget"):
+    with pytest.raises(FormatError, match="budget"):
         pool.register("wide", adapters["wide"])  # larger than the whole budget
     pool.register("a", adapters["attn"])
     pool.register("b", adapters["attn"])
@@ -214,7 +214,7 @@ def test_engine_waits_for_pool_room_and_outputs_stay_right(tokenizer, adapters):
 
 def test_refusals_name_the_problem(tokenizer, adapters):
     engine = Engine(tiny_base(), tokenizer, "base", autostart=False)
-    with pytest.raises(AdapterError, match="adapter_config.json.*dora.*cannot be served"):
+    with pytest.raises(FormatError, match="adapter_config.json.*dora.*cannot be served"):
         engine.load_adapter("d", adapters["dora"])
     with pytest.raises(ValueError, match="invalid adapter name"):
         engine.load_adapter("../up", adapters["wide"])

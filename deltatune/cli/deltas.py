@@ -47,8 +47,9 @@ def compress(
     """Compress a LoRA adapter or a full-model delta; prints the size ratio and errors."""
     from deltatune.compress import compress as run
     from deltatune.compress import format_report
+    from deltatune.formats import ADAPTER_CONFIG
 
-    is_adapter = (src / "adapter_config.json").is_file()
+    is_adapter = (src / ADAPTER_CONFIG).is_file()
     source = src if is_adapter or base is None else (base, src)
     params = key_values(param, "--param")
     try:
@@ -71,16 +72,24 @@ def decompress(
     src: Annotated[Path, typer.Argument(help="compressed directory")],
     out: Annotated[Path, typer.Argument(help="output directory")],
     base: Annotated[Path | None, typer.Option(help="override the recorded base model")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="LoRA stored as dense ΔW: write a PEFT LoRA of this rank (by SVD)")
+    ] = None,
     overwrite: bool = False,
 ) -> None:
     """Decompress to a PEFT adapter, a dense delta, or a full HF model directory."""
     from deltatune.compress import decompress as run
+    from deltatune.formats import ADAPTER_CONFIG, read_json
 
     try:
-        path = run(src, out, base=base, overwrite=overwrite)
+        path = run(src, out, base=base, rank=rank, overwrite=overwrite)
     except expected_errors() as err:
         fail(err)
     typer.echo(f"wrote {path}")
+    if rank is not None:
+        errors = read_json(path / ADAPTER_CONFIG)["deltatune_report"]["svd_relative_errors"]
+        worst = max(errors.items(), key=lambda kv: kv[1])
+        typer.echo(f"rank {rank}: worst relative reconstruction error {worst[1]:.4f} ({worst[0]})")
 
 
 @app.command()
