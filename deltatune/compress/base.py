@@ -37,6 +37,12 @@ class Codec:
     decode: Callable[[Fields, tuple[int, ...]], torch.Tensor]  # (fields, shape) -> fp32 delta
     summary: str
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether compress() can refine the encoding with a model and data (BitDelta's scale
+        distillation): the codec's parameters then carry the calibration settings."""
+        return "calibration_steps" in self.params.model_fields
+
 
 def fields_bytes(fields: Fields) -> int:
     """Every stored byte of an encoded tensor."""

@@ -1,8 +1,7 @@
 """The registry of compression methods, keyed by the name used in configs and on the CLI.
 
 Adding a method = one module defining a `Codec` + one entry below. Methods that can refine their
-encoding with a model and data (BitDelta's scale distillation) are handled by the pipeline, which
-looks them up by name in `CALIBRATED`.
+encoding with a model and data (BitDelta's scale distillation) say so (`Codec.calibrated`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from deltatune.compress.compeft import COMPEFT
 from deltatune.compress.delta_come import DELTA_COME
 
 CODECS: dict[str, Codec] = {c.name: c for c in (COMPEFT, BITDELTA, DELTA_COME, RAW)}
-CALIBRATED = frozenset({"bitdelta"})
 
 
 def get_codec(name: str) -> Codec:

@@ -44,7 +44,7 @@ from deltatune.compress.container import (
     write_config,
     write_fields,
 )
-from deltatune.compress.methods import CALIBRATED, get_codec, validate_params
+from deltatune.compress.methods import CODECS, get_codec, validate_params
 from deltatune.compress.reports import CompressionReport, TensorReport
 from deltatune.formats import ADAPTER_CONFIG, MODEL_CONFIG, FormatError, read_json
 from deltatune.formats.hf import ModelFiles, check_compatible
@@ -232,10 +232,9 @@ def compress(
     """
     codec = get_codec(method)
     method_params = validate_params(codec, params)
-    if calibration_data is not None and method not in CALIBRATED:
-        raise ValueError(
-            f"method {method!r} takes no calibration data (only: {', '.join(sorted(CALIBRATED))})"
-        )
+    if calibration_data is not None and not codec.calibrated:
+        calibrated = ", ".join(sorted(c.name for c in CODECS.values() if c.calibrated))
+        raise ValueError(f"method {method!r} takes no calibration data (only: {calibrated})")
     calibrating = calibration_data is not None
     with ExitStack() as stack:
         source = open_source(src, lora_mode, stack)
