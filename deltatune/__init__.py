@@ -20,10 +20,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __version__ = "0.1.0"
-__all__ = ["add_delta", "load", "merge_delta", "save_delta", "train"]
+__all__ = ["add_delta", "disable_delta", "load", "merge_delta", "save_delta", "train"]
 
 # Imported on first use, so `deltatune --help` and `import deltatune` do not pay for torch.
-_LAZY = {"add_delta": "deltatune.deltas", "save_delta": "deltatune.formats.peft"}
+_LAZY = {
+    "add_delta": "deltatune.deltas",
+    "disable_delta": "deltatune.deltas",
+    "save_delta": "deltatune.formats.peft",
+}
 # `deltatune.train(config)` is the train/ package itself, which is callable (see its docstring).
 
 

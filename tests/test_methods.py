@@ -64,30 +64,32 @@ def ids():
 
 
 def test_registry_names_families_and_unknown_method():
-    expected = [
-        "lora",
-        "dora",
-        "pissa",
-        "olora",
-        "vera",
-        "loha",
-        "lokr",
-        "oft",
-        "boft",
-        "bitfit",
-        "full",
-        "diff_pruning",
-        "graft",
-        "layer_select",
-        "ia3",
-        "ssf",
-        "houlsby",
-        "parallel_adapter",
-        "prompt_tuning",
-        "prefix_tuning",
-        "ptuning_v2",
-    ]
-    assert list(METHODS) == expected and set(FAMILIES) == set(expected)
+    expected = {
+        **dict.fromkeys(
+            [
+                "lora",
+                "dora",
+                "pissa",
+                "olora",
+                "vera",
+                "loha",
+                "lokr",
+                "oft",
+                "boft",
+                "bitfit",
+                "full",
+                "diff_pruning",
+                "graft",
+                "layer_select",
+            ],
+            "weight",
+        ),
+        **dict.fromkeys(["ia3", "ssf", "houlsby", "parallel_adapter"], "activation"),
+        **dict.fromkeys(["prompt_tuning", "prefix_tuning", "ptuning_v2"], "input"),
+    }
+    assert list(METHODS) == list(expected) and expected == FAMILIES
+    assert {n for n, m in METHODS.items() if m.lora_plus_params} == {"lora", "dora", "pissa", "olora"}
+    assert [n for n, m in METHODS.items() if m.servable] == ["lora"]  # DoRA is not plain LoRA
     with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: lora, dora, pissa"):
         get_method("lorra")
     with pytest.raises(ConfigError, match="unknown method 'nope'; valid: lora, .*ptuning_v2"):
@@ -156,6 +158,8 @@ def test_one_training_step_moves_only_the_delta(method):
     assert attention.use_packed_attention(model)
     deltatune.add_delta(model, method, **SMALL.get(method, {}))
     params = named_delta_parameters(model)
+    ups = get_method(method).lora_plus_params  # LoRA+ speeds up exactly the B factors, as it always did
+    assert {n for n in params if any(u in n for u in ups)} == {n for n in params if ".lora_B." in n}
     for p in params.values():
         p.data = p.data.float()
     before = {n: p.detach().clone() for n, p in params.items()}

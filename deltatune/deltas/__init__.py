@@ -1,7 +1,8 @@
 """The method registry and the verbs that work on any delta.
 
 Adding a method = one module defining a `Method` subclass + one line in `_METHODS` below.
-Methods are grouped by what they change (the "unified view" of parameter-efficient tuning):
+Methods are grouped by what they change (`Method.family`, the "unified view" of parameter-efficient
+tuning):
 
     weight deltas       W' = W + ΔW (low-rank, orthogonal, Kronecker, bias, sparse, dense)
     activation deltas   h' = h ⊙ s + b, or h + f(h)
@@ -10,6 +11,8 @@ Methods are grouped by what they change (the "unified view" of parameter-efficie
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -69,29 +72,7 @@ _METHODS: list[Method] = [
     PrefixTuning(),
     PtuningV2(),
 ]
-FAMILIES: dict[str, str] = {
-    **dict.fromkeys(
-        [
-            "lora",
-            "dora",
-            "pissa",
-            "olora",
-            "vera",
-            "loha",
-            "lokr",
-            "oft",
-            "boft",
-            "bitfit",
-            "full",
-            "diff_pruning",
-            "graft",
-            "layer_select",
-        ],
-        "weight",
-    ),
-    **dict.fromkeys(["ia3", "ssf", "houlsby", "parallel_adapter"], "activation"),
-    **dict.fromkeys(["prompt_tuning", "prefix_tuning", "ptuning_v2"], "input"),
-}
+FAMILIES: dict[str, str] = {m.name: m.family for m in _METHODS}
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}
 
 __all__ = [
@@ -103,6 +84,7 @@ __all__ = [
     "add_delta",
     "delta_report",
     "delta_layers",
+    "disable_delta",
     "freeze_base",
     "get_method",
     "merge_into_base",
@@ -153,3 +135,24 @@ def add_delta(
 def delta_report(model: nn.Module) -> dict[str, Any]:
     """What the attached delta reports about itself (e.g. a sparse method's fraction and score kept)."""
     return get_method(model.delta_method).report(model) if hasattr(model, "delta_method") else {}
+
+
+@contextmanager
+def disable_delta(model: nn.Module) -> Iterator[nn.Module]:
+    """The base model inside the block, the delta again after it (peft's `model.disable_adapter()`).
+
+    Every delta layer, prompts included, is switched off. No method edits the base weights when it
+    attaches (PiSSA/OLoRA keep their initial factors as buffers), so this is exactly the base model;
+    a merged delta is part of the weights and is refused (unmerge it first: `set_merged`).
+    """
+    layers = list(delta_layers(model).values())
+    if any(layer.merged for layer in layers):
+        raise ValueError("the delta is merged into the base weights; unmerge it before disabling it")
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, before, strict=True):
+            layer.disabled = disabled

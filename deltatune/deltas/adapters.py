@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
@@ -61,9 +61,7 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.adapter_up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(h.device.type):
-            h = h.to(self.adapter_down.weight.dtype)
-        return self.adapter_up(self.act(self.adapter_down(h)))
+        return self.adapter_up(self.act(self.adapter_down(in_delta_dtype(h, self.adapter_down.weight))))
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -115,6 +113,7 @@ def match_modules(model: nn.Module, target_modules: list[str] | str) -> list[str
 class Houlsby(Method):
     name = "houlsby"
     config_class = HoulsbyConfig
+    family = "activation"
 
     def targets(self, model: nn.Module, cfg: HoulsbyConfig) -> list[str]:
         return match_modules(model, cfg.target_modules)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -56,7 +57,7 @@ class DeltaLayer(nn.Module):
 
     base_layer: nn.Module | None
     merged: bool = False
-    disabled: bool = False
+    disabled: bool = False  # every forward reads it; set by deltas.disable_delta(model)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -111,6 +112,24 @@ class DeltaLayer(nn.Module):
         }
 
 
+class DenseDeltaLinear(DeltaLayer):
+    """A linear delta whose forward materialises ΔW: y = base(x) + x ΔWᵀ (LoHa, LoKr, sparse deltas).
+
+    `forward_weight` is the ΔW the forward uses; it is `delta_weight()` unless a subclass trains
+    through something else (the sparse methods' dense candidate).
+    """
+
+    def forward_weight(self) -> torch.Tensor:
+        return self.delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        delta = self.forward_weight()
+        return out + F.linear(in_delta_dtype(x, delta), delta).to(out.dtype)
+
+
 def _non_persistent(layer: nn.Module, name: str) -> set[str]:
     owner = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
     return owner._non_persistent_buffers_set
@@ -143,7 +162,10 @@ class Method:
 
     name: ClassVar[str]
     config_class: ClassVar[type[DeltaConfig]]
+    family: ClassVar[str]  # what it changes: "weight", "activation" or "input" (see deltas/__init__.py)
     peft_type: ClassVar[str | None] = None  # None: stored in deltatune's own format
+    lora_plus_params: ClassVar[tuple[str, ...]] = ()  # name fragments of the "up" factors LoRA+ speeds up
+    servable: ClassVar[bool] = False  # whether the multi-adapter server runs adapters this method reads
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         return match_linear_modules(model, getattr(cfg, "target_modules", "all-linear"))

@@ -43,6 +43,7 @@ class BiasLinear(DeltaLayer):
 class Bitfit(Method):
     name = "bitfit"
     config_class = BitfitConfig
+    family = "weight"
 
     def wrap(self, module: nn.Module, cfg: BitfitConfig, path: str) -> DeltaLayer:
         return BiasLinear(require_linear(module, self.name, path))

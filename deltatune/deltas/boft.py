@@ -21,7 +21,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, require_linear
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
+from deltatune.deltas.oft import RotationLinear
 
 
 class BoftConfig(DeltaConfig):
@@ -69,7 +70,7 @@ def boft_shape(in_features: int, block_size: int, block_num: int, factor: int) -
     return blocks, size
 
 
-class BoftLinear(DeltaLayer):
+class BoftLinear(RotationLinear):
     def __init__(self, base_layer: nn.Linear, blocks: int, size: int, factor: int):
         super().__init__()
         self.base_layer = base_layer
@@ -87,6 +88,7 @@ class BoftLinear(DeltaLayer):
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x @ M, level by level: x·P_i gathers by P_i⁻¹, the blocks rotate, ·P_iᵀ gathers by P_i."""
+        x = in_delta_dtype(x, self.boft_R)
         rotations = cayley_exact(self.boft_R)
         for i in reversed(range(rotations.shape[0])):
             h = x[..., self.inverse_perms[i]].unflatten(-1, (rotations.shape[1], -1))
@@ -98,41 +100,18 @@ class BoftLinear(DeltaLayer):
         eye = torch.eye(self.base_layer.in_features, device=self.boft_R.device)
         return self.rotate(eye)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
-            return self.base_layer(x)
-        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.boft_R.dtype)
-        out = self.base_layer(self.rotate(h).to(x.dtype))
-        bias = self.base_layer.bias
-        scale = self.boft_s.squeeze(-1)
-        if bias is None:
-            return (out * scale).to(out.dtype)
-        return ((out - bias) * scale + bias).to(out.dtype)
+    def inverse(self, rot: torch.Tensor) -> torch.Tensor:
+        return rot.T  # M is exactly orthogonal (the exact Cayley transform)
 
-    def delta_weight(self) -> torch.Tensor:
-        weight, m = self.base_layer.weight.float(), self.rotation()
-        original = (weight / self.boft_s) @ m if self.merged else weight
-        return self.boft_s * (original @ m.T) - original
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            weight = self.base_layer.weight
-            weight.copy_((self.boft_s * (weight.float() @ self.rotation().T)).to(weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = self.base_layer.weight
-            weight.copy_(((weight.float() / self.boft_s) @ self.rotation()).to(weight.dtype))
-            self.merged = False
+    def output_scale(self) -> torch.Tensor:
+        return self.boft_s
 
 
 @dataclass(frozen=True)
 class Boft(Method):
     name = "boft"
     config_class = BoftConfig
+    family = "weight"
     peft_type = "BOFT"
 
     def wrap(self, module: nn.Module, cfg: BoftConfig, path: str) -> DeltaLayer:

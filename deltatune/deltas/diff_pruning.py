@@ -6,7 +6,7 @@ penalty λ · Σ P(z ≠ 0) = λ · Σ σ(α − β·log(−γ/ζ)) pushing entr
 deterministic (clamp(σ(α)(ζ − γ) + γ, 0, 1)), and, as in the paper, the result is magnitude-projected
 to at most `diff_density` of all entries (globally) before it is used or saved.
 
-The penalty's gradient is added inside the layer's backward (an identity op on the output that
+The penalty's gradient is added inside the layer's backward (an identity op on the sampled ΔW that
 contributes λ·∂penalty/∂α), so the training loop needs no extra loss term; with gradient
 accumulation it is counted once per micro-batch. β = 2/3, γ = −0.1, ζ = 1.1 as in Louizos et al.;
 α starts at 5 (z ≈ 1 everywhere), w at 0. The report gives the L0 density before the projection
@@ -56,13 +56,13 @@ def expected_l0(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _AddL0Gradient(torch.autograd.Function):
-    """Identity on `out`; in the backward, adds weight · ∂Σ P(z ≠ 0)/∂α to α's gradient."""
+    """Identity on `delta`; in the backward, adds weight · ∂Σ P(z ≠ 0)/∂α to α's gradient."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, logits: torch.Tensor, weight: float) -> torch.Tensor:
+    def forward(ctx, delta: torch.Tensor, logits: torch.Tensor, weight: float) -> torch.Tensor:
         ctx.save_for_backward(logits)
         ctx.weight = weight
-        return out.view_as(out)
+        return delta.view_as(delta)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -81,24 +81,13 @@ class DiffPruningLinear(SparseTrainLayer):
         self.l0_weight = l0_weight
 
     def train_delta(self) -> torch.Tensor:
-        return hard_concrete_sample(self.diff_logits) * self.diff_weight
+        delta = hard_concrete_sample(self.diff_logits) * self.diff_weight
+        if self.l0_weight and torch.is_grad_enabled():
+            return _AddL0Gradient.apply(delta, self.diff_logits, self.l0_weight)
+        return delta
 
     def candidate(self) -> torch.Tensor:
         return hard_concrete_mean(self.diff_logits) * self.diff_weight
-
-    def after_delta(self, out: torch.Tensor) -> torch.Tensor:
-        if self.training and self.l0_weight and torch.is_grad_enabled():
-            return _AddL0Gradient.apply(out, self.diff_logits, self.l0_weight)
-        return out
-
-
-def diff_candidates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k.removesuffix(".diff_weight"): hard_concrete_mean(state[k.replace(".diff_weight", ".diff_logits")])
-        * v
-        for k, v in state.items()
-        if k.endswith(".diff_weight")
-    }
 
 
 @dataclass(frozen=True)
@@ -106,7 +95,7 @@ class DiffPruning(SparseMethod):
     name = "diff_pruning"
     config_class = DiffPruningConfig
 
-    def make_layer(self, module: nn.Module, path: str, cfg: DiffPruningConfig) -> DiffPruningLinear:
+    def wrap(self, module: nn.Module, cfg: DiffPruningConfig, path: str) -> DiffPruningLinear:
         return DiffPruningLinear(
             require_linear(module, self.name, path), cfg.diff_init_logit, cfg.diff_l0_weight
         )
@@ -115,4 +104,11 @@ class DiffPruning(SparseMethod):
         return cfg.diff_density
 
     def candidates(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return diff_candidates(state)
+        return {
+            k.removesuffix(".diff_weight"): hard_concrete_mean(
+                state[k.replace(".diff_weight", ".diff_logits")]
+            )
+            * v
+            for k, v in state.items()
+            if k.endswith(".diff_weight")
+        }

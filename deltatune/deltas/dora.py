@@ -80,5 +80,6 @@ class DoraLinear(LoraLinear):
 @dataclass(frozen=True)
 class Dora(Lora):
     name = "dora"
+    servable = False
     layer_class: ClassVar[type[LoraLinear]] = DoraLinear
     use_dora: ClassVar[bool] = True

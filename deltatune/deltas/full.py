@@ -116,6 +116,7 @@ def parameter_modules(model: nn.Module, prefix: str = "") -> list[str]:
 class Full(Method):
     name = "full"
     config_class = FullConfig
+    family = "weight"
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         return parameter_modules(model)

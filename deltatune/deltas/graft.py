@@ -46,20 +46,16 @@ class GraftLinear(SparseTrainLayer):
         return self.graft_delta
 
 
-def graft_candidates(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removesuffix(".graft_delta"): v for k, v in state.items() if k.endswith(".graft_delta")}
-
-
 @dataclass(frozen=True)
 class Graft(SparseMethod):
     name = "graft"
     config_class = GraftConfig
 
-    def make_layer(self, module: nn.Module, path: str, cfg: GraftConfig) -> GraftLinear:
+    def wrap(self, module: nn.Module, cfg: GraftConfig, path: str) -> GraftLinear:
         return GraftLinear(require_linear(module, self.name, path))
 
     def density(self, cfg: GraftConfig) -> float:
         return cfg.graft_density
 
     def candidates(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return graft_candidates(state)
+        return {k.removesuffix(".graft_delta"): v for k, v in state.items() if k.endswith(".graft_delta")}

@@ -89,6 +89,7 @@ def _matches(path: str, modules: list[str] | str) -> bool:
 class Ia3(Method):
     name = "ia3"
     config_class = Ia3Config
+    family = "activation"
     peft_type = "IA3"
 
     def wrap(self, module: nn.Module, cfg: Ia3Config, path: str) -> DeltaLayer:

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, DenseDeltaLinear, Method, require_linear
 from deltatune.deltas.lora import pattern_value
 
 
@@ -36,7 +35,7 @@ def hadamard_weight(w1a, w1b, w2a, w2b, scale: float) -> torch.Tensor:
     return (w1a @ w1b) * (w2a @ w2b) * scale
 
 
-class LohaLinear(DeltaLayer):
+class LohaLinear(DenseDeltaLinear):
     def __init__(self, base_layer: nn.Linear, r: int, scale: float):
         super().__init__()
         self.base_layer = base_layer
@@ -52,13 +51,6 @@ class LohaLinear(DeltaLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return hadamard_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or self.disabled:
-            return out
-        delta = self.delta_weight()
-        return out + F.linear(in_delta_dtype(x, delta), delta).to(out.dtype)
 
 
 def patterned_rank_alpha(cfg: Any, r: int, alpha: float, path: str) -> tuple[int, float]:
@@ -101,6 +93,7 @@ def lycoris_paths(tensors: dict[str, torch.Tensor], marker: str) -> str:
 class Loha(Method):
     name = "loha"
     config_class = LohaConfig
+    family = "weight"
     peft_type = "LOHA"
 
     def wrap(self, module: nn.Module, cfg: LohaConfig, path: str) -> DeltaLayer:

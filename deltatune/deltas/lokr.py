@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, DenseDeltaLinear, Method, require_linear
 from deltatune.deltas.loha import lycoris_disk_config, lycoris_paths, patterned_rank_alpha
 
 
@@ -49,7 +48,7 @@ def factorize(dimension: int, factor: int = -1) -> tuple[int, int]:
     return m, n
 
 
-class LokrLinear(DeltaLayer):
+class LokrLinear(DenseDeltaLinear):
     def __init__(self, base_layer: nn.Linear, r: int, scale: float, decompose_both: bool, factor: int):
         super().__init__()
         self.base_layer = base_layer
@@ -80,18 +79,12 @@ class LokrLinear(DeltaLayer):
     def delta_weight(self) -> torch.Tensor:
         return torch.kron(self._factor("lokr_w1"), self._factor("lokr_w2")) * self.scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or self.disabled:
-            return out
-        delta = self.delta_weight()
-        return out + F.linear(in_delta_dtype(x, delta), delta).to(out.dtype)
-
 
 @dataclass(frozen=True)
 class Lokr(Method):
     name = "lokr"
     config_class = LokrConfig
+    family = "weight"
     peft_type = "LOKR"
 
     def wrap(self, module: nn.Module, cfg: LokrConfig, path: str) -> DeltaLayer:

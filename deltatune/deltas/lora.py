@@ -2,7 +2,7 @@
 
 The forward never materialises ΔW: it is `base(x) + scale · B(A(dropout(x)))`. rsLoRA changes the
 scale to alpha / sqrt(r), which keeps the update size stable as the rank grows. LoRA+ (a larger
-learning rate for B) is an optimizer concern and lives in train.py's parameter groups.
+learning rate for B) is an optimizer concern: `lora_plus_params` names B for the training loop.
 """
 
 from __future__ import annotations
@@ -16,15 +16,20 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
 
 
-class LoraConfig(DeltaConfig):
+class LowRankConfig(DeltaConfig):
+    """The keys every LoRA-style method reads (PiSSA and OLoRA take only these)."""
+
     lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
     target_modules: Literal["all-linear"] | list[str] | str = "all-linear"
+
+
+class LoraConfig(LowRankConfig):
     lora_init: Literal["kaiming", "gaussian"] = "kaiming"
     rank_pattern: dict[str, int] = {}  # PEFT's per-module overrides: module-suffix regex -> value
     alpha_pattern: dict[str, float] = {}
@@ -94,10 +99,7 @@ class LoraLinear(DeltaLayer):
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
         """scale · B(A(dropout(x))); under autocast the matmuls run in the autocast dtype."""
-        x = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.weight.dtype)
-        return self.lora_B(self.lora_A(x)) * self.scale
+        return self.lora_B(self.lora_A(in_delta_dtype(self.dropout(x), self.lora_A.weight))) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -121,16 +123,18 @@ def pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
 class Lora(Method):
     name = "lora"
     config_class = LoraConfig
+    family = "weight"
     peft_type = "LORA"
+    lora_plus_params = (".lora_B.",)
+    servable = True  # DoRA and the other subclasses are not plain LoRA: they set it back
 
     layer_class: ClassVar[type[LoraLinear]] = LoraLinear
     use_dora: ClassVar[bool] = False
 
     def wrap(self, module: nn.Module, cfg: LoraConfig, path: str) -> DeltaLayer:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{self.name} targets nn.Linear; {path} is {type(module).__name__}")
+        linear = require_linear(module, self.name, path)
         r, scale = module_rank_scale(cfg, path)
-        return self.layer_class(module, r, scale, cfg.lora_dropout, cfg.lora_init)
+        return self.layer_class(linear, r, scale, cfg.lora_dropout, cfg.lora_init)
 
     def claims(self, disk: dict[str, Any]) -> bool:
         return disk.get("peft_type") == "LORA" and bool(disk.get("use_dora", False)) == self.use_dora

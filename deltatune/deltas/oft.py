@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, require_linear
+from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose OFT format this follows
 
@@ -67,7 +67,60 @@ def block_size_for(in_features: int, block_size: int, blocks: int) -> int:
     return size
 
 
-class OftLinear(DeltaLayer):
+class RotationLinear(DeltaLayer):
+    """y = s ⊙ (W Rᵀ x) + b, merged as W' = diag(s) · W · Rᵀ: OFT (s = 1) and BOFT share all but R.
+
+    A subclass gives `rotate` (rows x ↦ x R, cast to the delta's dtype unless autocast is on), the
+    dense `rotation` R for merging, and optionally `inverse` and a trained output scale s [out, 1].
+    """
+
+    def inverse(self, rot: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.inv(rot)
+
+    def output_scale(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        out = self.base_layer(self.rotate(x).to(x.dtype))
+        scale, bias = self.output_scale(), self.base_layer.bias
+        if scale is None:
+            return out
+        scale = scale.squeeze(-1)
+        if bias is None:
+            return (out * scale).to(out.dtype)
+        return ((out - bias) * scale + bias).to(out.dtype)
+
+    def _rotated(self, weight: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:  # W -> diag(s) W Rᵀ
+        scale = self.output_scale()
+        return weight @ rot.T if scale is None else scale * (weight @ rot.T)
+
+    def _unrotated(self, weight: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:  # and back
+        scale = self.output_scale()
+        return (weight if scale is None else weight / scale) @ self.inverse(rot).T
+
+    def delta_weight(self) -> torch.Tensor:
+        weight, rot = self.base_layer.weight.float(), self.rotation()
+        original = self._unrotated(weight, rot) if self.merged else weight
+        return self._rotated(original, rot) - original
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            weight = self.base_layer.weight
+            weight.copy_(self._rotated(weight.float(), self.rotation()).to(weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self.base_layer.weight
+            weight.copy_(self._unrotated(weight.float(), self.rotation()).to(weight.dtype))
+            self.merged = False
+
+
+class OftLinear(RotationLinear):
     def __init__(self, base_layer: nn.Linear, block: int, neumann: bool, terms: int):
         super().__init__()
         self.base_layer = base_layer
@@ -84,39 +137,17 @@ class OftLinear(DeltaLayer):
     def rotation(self) -> torch.Tensor:
         return torch.block_diag(*self.rotations())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
-            return self.base_layer(x)
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self.rotations()
-        h = x if torch.is_autocast_enabled(x.device.type) else x.to(blocks.dtype)
-        rotated = torch.einsum("...nk,nkc->...nc", h.unflatten(-1, (-1, self.block)), blocks).flatten(-2)
-        return self.base_layer(rotated.to(x.dtype))
-
-    def delta_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight.float()
-        rot = self.rotation()
-        original = weight @ torch.linalg.inv(rot).T if self.merged else weight
-        return original @ rot.T - original
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() @ self.rotation().T).to(weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight = self.base_layer.weight
-            weight.copy_((weight.float() @ torch.linalg.inv(self.rotation()).T).to(weight.dtype))
-            self.merged = False
+        h = in_delta_dtype(x, blocks).unflatten(-1, (-1, self.block))
+        return torch.einsum("...nk,nkc->...nc", h, blocks).flatten(-2)
 
 
 @dataclass(frozen=True)
 class Oft(Method):
     name = "oft"
     config_class = OftConfig
+    family = "weight"
     peft_type = "OFT"
 
     def wrap(self, module: nn.Module, cfg: OftConfig, path: str) -> DeltaLayer:

@@ -22,26 +22,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, require_linear
-from deltatune.deltas.lora import Lora, LoraConfig, LoraLinear, lora_scale
+from deltatune.deltas.base import PEFT_PREFIX, DeltaLayer, Method, in_delta_dtype, require_linear
+from deltatune.deltas.lora import Lora, LoraConfig, LoraLinear, LowRankConfig, lora_scale
 
 Factors = Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]
 
 
-class PissaConfig(DeltaConfig):
-    """The LoRA keys, with the same meaning; alpha defaults to r (scale 1), as in both papers."""
+class PissaConfig(LowRankConfig):
+    """LoRA's shared keys (not `lora_init` or the per-module patterns); alpha defaults to r (scale 1)."""
 
-    lora_r: int = Field(16, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    use_rslora: bool = False
-    target_modules: Literal["all-linear"] | list[str] | str = "all-linear"
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +68,7 @@ class InitLoraLinear(LoraLinear):
             self.lora_B.weight.copy_(b0)
 
     def lora_path(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.weight.dtype)
+        x = in_delta_dtype(x, self.lora_A.weight)
         initial = nn.functional.linear(nn.functional.linear(x, self.lora_A0), self.lora_B0)
         return (self.lora_B(self.lora_A(self.dropout(x))) - initial) * self.scale
 
@@ -116,7 +111,9 @@ def from_plain_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Pissa(Method):
     name = "pissa"
     config_class = PissaConfig
+    family = "weight"
     peft_type = "LORA"
+    lora_plus_params = (".lora_B.",)
     factors: ClassVar[Factors] = staticmethod(pissa_factors)
 
     def wrap(self, module: nn.Module, cfg: PissaConfig, path: str) -> DeltaLayer:

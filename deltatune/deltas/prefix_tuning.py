@@ -127,6 +127,7 @@ def check_geometry(disk: dict[str, Any], flat: torch.Tensor) -> None:
 class PtuningV2(Method):
     name = "ptuning_v2"
     config_class = PtuningV2Config
+    family = "input"
     peft_type = "PREFIX_TUNING"
     projection = False
 

@@ -56,6 +56,7 @@ def initial_prompt(model: nn.Module, cfg: PromptTuningConfig) -> torch.Tensor:
 class PromptTuning(Method):
     name = "prompt_tuning"
     config_class = PromptTuningConfig
+    family = "input"
     peft_type = "PROMPT_TUNING"
 
     def attach(self, model: nn.Module, cfg: PromptTuningConfig) -> list[str]:

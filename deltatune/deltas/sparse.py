@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, in_delta_dtype
+from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, DenseDeltaLinear, Method
 
 SELECTOR = "sparse_selector"
 INDICES, VALUES = "sparse_indices", "sparse_values"
@@ -83,7 +82,7 @@ def scatter_dense(indices: torch.Tensor, values: torch.Tensor, shape: torch.Size
     return flat.view(shape)
 
 
-class SparseLinear(DeltaLayer):
+class SparseLinear(DenseDeltaLinear):
     """A loaded sparse delta: y = W x + ΔW x with ΔW given by (indices, values)."""
 
     def __init__(self, base_layer: nn.Linear, entries: int):
@@ -96,15 +95,8 @@ class SparseLinear(DeltaLayer):
     def delta_weight(self) -> torch.Tensor:
         return scatter_dense(self.sparse_indices, self.sparse_values, self.base_layer.weight.shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or self.disabled:
-            return out
-        delta = self.delta_weight()
-        return out + F.linear(in_delta_dtype(x, delta), delta).to(out.dtype)
 
-
-class SparseTrainLayer(DeltaLayer):
+class SparseTrainLayer(DenseDeltaLinear):
     """A dense candidate ΔW while training, its selected part otherwise. Subclasses define both."""
 
     def attach_selector(self, selector: SparseSelector) -> None:
@@ -122,15 +114,8 @@ class SparseTrainLayer(DeltaLayer):
             self._selector[0].select()
         return self.candidate() * self.keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged or self.disabled:
-            return out
-        delta = self.train_delta() if self.training else self.delta_weight()
-        return out + self.after_delta(F.linear(in_delta_dtype(x, delta), delta).to(out.dtype))
-
-    def after_delta(self, out: torch.Tensor) -> torch.Tensor:
-        return out
+    def forward_weight(self) -> torch.Tensor:
+        return self.train_delta() if self.training else self.delta_weight()
 
 
 class SparseSelector(DeltaLayer):
@@ -168,58 +153,15 @@ class SparseSelector(DeltaLayer):
         self.merged = False
 
 
-def attach_sparse(model: nn.Module, paths: list[str], make_layer, density: float) -> None:
-    layers = []
-    for path in paths:
-        layer = make_layer(model.get_submodule(path), path)
-        model.set_submodule(path, layer)
-        layers.append(layer)
-    model.add_module(SELECTOR, SparseSelector(layers, density))
-
-
-def attach_loaded(model: nn.Module, cfg: SparseLoadedConfig) -> list[str]:
-    for path, entries in cfg.sparse_entries.items():
-        model.set_submodule(path, SparseLinear(model.get_submodule(path), entries))
-    return list(cfg.sparse_entries)
-
-
-def loaded_config(tensors: dict[str, torch.Tensor]) -> SparseLoadedConfig:
-    entries = {k.removesuffix("." + VALUES): int(v.numel()) for k, v in tensors.items() if k.endswith(VALUES)}
-    if not entries:
-        raise ValueError(f"no {VALUES} tensors found")
-    return SparseLoadedConfig(sparse_entries=entries)
-
-
-def sparse_to_disk(state: dict[str, torch.Tensor], candidates_of) -> dict[str, torch.Tensor]:
-    """Trained state -> indices + values; a loaded state is already in that form."""
-    if any(k.endswith(VALUES) for k in state):
-        tensors = {k: (v.to(torch.int32) if k.endswith(INDICES) else v) for k, v in state.items()}
-    else:
-        density = float(state[f"{SELECTOR}.density"])
-        tensors = sparse_tensors(candidates_of(state), density)
-    return {PEFT_PREFIX + k: v for k, v in tensors.items()}
-
-
-def sparse_disk_config(name: str, cfg: DeltaConfig, base_model: str | None) -> dict[str, Any]:
-    fields = {} if isinstance(cfg, SparseLoadedConfig) else cfg.model_dump()
-    return {"deltatune_method": name, "base_model_name_or_path": base_model, "format": "sparse", **fields}
-
-
-def selector_report(model: nn.Module) -> dict[str, Any]:
-    selector = getattr(model, SELECTOR, None)
-    return dict(selector.select()) if isinstance(selector, SparseSelector) else {}
-
-
 @dataclass(frozen=True)
 class SparseMethod(Method):
     """A method that trains a dense ΔW and keeps a top fraction of it (graft, diff_pruning).
 
-    A subclass says how to wrap a linear layer, which density its config asks for, and which
-    tensor of its trained state ranks the entries; storage, loading and the report are shared.
+    A subclass says how to wrap a linear layer (`wrap`), which density its config asks for, and
+    which tensor of its trained state ranks the entries; storage, loading and the report are shared.
     """
 
-    def make_layer(self, module: nn.Module, path: str, cfg: DeltaConfig) -> SparseTrainLayer:
-        raise NotImplementedError
+    family = "weight"
 
     def density(self, cfg: DeltaConfig) -> float:
         raise NotImplementedError
@@ -229,21 +171,39 @@ class SparseMethod(Method):
 
     def attach(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         if isinstance(cfg, SparseLoadedConfig):
-            return attach_loaded(model, cfg)
-        paths = self.targets(model, cfg)
-        if not paths:
-            raise ValueError(f"method {self.name!r}: target_modules matched no module of the model")
-        attach_sparse(model, paths, lambda m, p: self.make_layer(m, p, cfg), self.density(cfg))
+            for path, entries in cfg.sparse_entries.items():
+                model.set_submodule(path, SparseLinear(model.get_submodule(path), entries))
+            return list(cfg.sparse_entries)
+        paths = super().attach(model, cfg)
+        layers = [model.get_submodule(path) for path in paths]
+        model.add_module(SELECTOR, SparseSelector(layers, self.density(cfg)))
         return paths
 
     def to_disk(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return sparse_to_disk(state, self.candidates)
+        """Trained state -> indices + values; a loaded state is already in that form."""
+        if any(k.endswith(VALUES) for k in state):
+            tensors = {k: (v.to(torch.int32) if k.endswith(INDICES) else v) for k, v in state.items()}
+        else:
+            tensors = sparse_tensors(self.candidates(state), float(state[f"{SELECTOR}.density"]))
+        return {PEFT_PREFIX + k: v for k, v in tensors.items()}
 
     def disk_config(self, cfg: DeltaConfig, paths: list[str], base_model: str | None) -> dict[str, Any]:
-        return sparse_disk_config(self.name, cfg, base_model)
+        fields = {} if isinstance(cfg, SparseLoadedConfig) else cfg.model_dump()
+        return {
+            "deltatune_method": self.name,
+            "base_model_name_or_path": base_model,
+            "format": "sparse",
+            **fields,
+        }
 
     def config_from_disk(self, disk: dict[str, Any], tensors: dict[str, torch.Tensor]) -> SparseLoadedConfig:
-        return loaded_config(tensors)
+        entries = {
+            k.removesuffix("." + VALUES): int(v.numel()) for k, v in tensors.items() if k.endswith(VALUES)
+        }
+        if not entries:
+            raise ValueError(f"no {VALUES} tensors found")
+        return SparseLoadedConfig(sparse_entries=entries)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
-        return selector_report(model)
+        selector = getattr(model, SELECTOR, None)
+        return dict(selector.select()) if isinstance(selector, SparseSelector) else {}

@@ -78,6 +78,7 @@ class SsfLinear(DeltaLayer):
 class Ssf(Method):
     name = "ssf"
     config_class = SsfConfig
+    family = "activation"
 
     def wrap(self, module: nn.Module, cfg: SsfConfig, path: str) -> DeltaLayer:
         return SsfLinear(require_linear(module, self.name, path))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, require_linear
+from deltatune.deltas.base import PEFT_PREFIX, DeltaConfig, DeltaLayer, Method, in_delta_dtype, require_linear
 
 SHARED = "vera_projections"  # where the shared matrices sit in the model
 DISK_SHARED = "base_model."  # ... and the prefix peft gives them on disk
@@ -82,9 +82,7 @@ class VeraLinear(DeltaLayer):
         if self.merged or self.disabled:
             return out
         vera_a, vera_b = self._slices()
-        h = self.dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(vera_a.dtype)
+        h = in_delta_dtype(self.dropout(x), vera_a)
         delta = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, vera_a), vera_b)
         return out + delta.to(out.dtype)
 
@@ -97,6 +95,7 @@ class VeraLinear(DeltaLayer):
 class Vera(Method):
     name = "vera"
     config_class = VeraConfig
+    family = "weight"
     peft_type = "VERA"
 
     def attach(self, model: nn.Module, cfg: VeraConfig) -> list[str]:

@@ -123,10 +123,13 @@ def all_sum(value: float | int, device: torch.device) -> float:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """LoRA+: the "up" factor B learns `lora_plus_ratio` times faster than A."""
+    """LoRA+: the "up" factors (`Method.lora_plus_params`, LoRA's B) learn `lora_plus_ratio` times faster."""
+    from deltatune.deltas import get_method
+
+    ups = get_method(model.delta_method).lora_plus_params
     params = [(n, p) for n, p in named_delta_parameters(model).items() if p.requires_grad]
-    fast = [p for n, p in params if ".lora_B." in n]
-    slow = [p for n, p in params if ".lora_B." not in n]
+    fast = [p for n, p in params if any(u in n for u in ups)]
+    slow = [p for n, p in params if not any(u in n for u in ups)]
     groups = [{"params": slow, "lr": cfg.learning_rate}]
     if fast:
         groups.append({"params": fast, "lr": cfg.learning_rate * cfg.lora_plus_ratio})
