@@ -390,22 +390,22 @@ def test_method_for_disk_picks_exactly_one_method():
 
 
 def test_unsupported_peft_options_are_refused_by_name(tmp_path):
-    from deltatune.formats.peft import AdapterError
+    from deltatune.formats import FormatError
 
     model = attach("oft", target_modules=["q_proj"])
     save_delta(model, tmp_path / "a")
     config_file = tmp_path / "a" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "coft": True}))
-    with pytest.raises(AdapterError, match=r"adapter_config.json: coft=True is not supported"):
+    with pytest.raises(FormatError, match=r"adapter_config.json: coft=True is not supported"):
         deltatune.load(tiny(), adapter=tmp_path / "a")
     config_file.write_text(json.dumps({**config, "peft_version": "0.17.0"}))
-    with pytest.raises(AdapterError, match="predates peft 0.18.0"):
+    with pytest.raises(FormatError, match="predates peft 0.18.0"):
         deltatune.load(tiny(), adapter=tmp_path / "a")
     prefix = attach("ptuning_v2")
     save_delta(prefix, tmp_path / "p")
     config_file = tmp_path / "p" / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "num_layers": 5, "token_dim": 32, "num_attention_heads": 2}))
-    with pytest.raises(AdapterError, match="prompt_embeddings has width 128, the config says 2·5·32"):
+    with pytest.raises(FormatError, match="prompt_embeddings has width 128, the config says 2·5·32"):
         deltatune.load(tiny(), adapter=tmp_path / "p")

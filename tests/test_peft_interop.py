@@ -113,9 +113,7 @@ def test_bad_adapters_name_the_file(tmp_path):
     # shape mismatch: adapter made for a wider model
     wide = deltatune.add_delta(tiny_llama(seed=0, hidden_size=128, intermediate_size=256), "lora", lora_r=4)
     save_delta(wide, tmp_path / "w")
-    with pytest.raises(
-        FormatError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"
-    ):
+    with pytest.raises(FormatError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \[4, 128\]"):
         deltatune.load(tiny_llama(seed=0), adapter=tmp_path / "w")
     # a module the model does not have
     deep = deltatune.add_delta(tiny_llama(seed=0, num_hidden_layers=3), "lora", lora_r=4)

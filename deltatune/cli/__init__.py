@@ -1,6 +1,6 @@
 """The `deltatune` command: parse, validate, call the library. No logic lives here.
 
-One module per feature (train, infer, deltas, serve); each registers its verbs on `app`. Every verb
+One module per feature (train, infer, deltas, serve); each registers its verbs with `command`, which
 turns the expected failures of `expected_errors()` (bad config, data, file or option, missing model)
 into one line on stderr and exit code 2 via `fail`, without a traceback. Nothing here imports torch,
 so `deltatune --help` stays fast: verbs import the library when they run.
@@ -8,12 +8,13 @@ so `deltatune --help` stays fast: verbs import the library when they run.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import types
 import typing
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperCommand
@@ -42,6 +43,22 @@ def expected_errors() -> tuple[type[Exception], ...]:
 
     library = ConfigError, DataError, FormatError, MergeConfigError, ModelNotFoundError, TrainingDiverged
     return (*library, ValueError, FileNotFoundError, FileExistsError)
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
+    """`app.command`, with the one error policy: an expected error is one line and exit 2."""
+
+    def register(verb: Callable) -> Callable:
+        @functools.wraps(verb)  # typer reads the verb's signature through __wrapped__
+        def run(*a: Any, **kw: Any) -> Any:
+            try:
+                return verb(*a, **kw)
+            except expected_errors() as err:
+                fail(err)
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
 
 
 def key_values(items: list[str], what: str) -> dict[str, object]:

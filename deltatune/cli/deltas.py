@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli import app, expected_errors, fail, key_values
+from deltatune.cli import command, key_values
 
 
-@app.command()
+@command()
 def merge(
     config: Annotated[Path, typer.Argument(help="mergekit-style YAML")],
     out_dir: Annotated[Path, typer.Argument(help="output directory (HF model or PEFT adapter)")],
@@ -19,10 +19,7 @@ def merge(
     """Merge full models or LoRA adapters (linear, task_arithmetic, ties, dare_*, breadcrumbs, model_stock, slerp)."""
     from deltatune.merge.executor import run_merge
 
-    try:
-        report = run_merge(config, out_dir, threads=threads)
-    except expected_errors() as err:
-        fail(err)
+    report = run_merge(config, out_dir, threads=threads)
     typer.echo(
         f"{report.method}: merged {report.tensors} tensors ({report.bytes_written / 2**20:.1f} MiB) "
         f"in {report.seconds:.1f} s -> {report.out_dir}"
@@ -32,7 +29,7 @@ def merge(
         typer.echo(f"rank {report.rank}: worst relative reconstruction error {worst[1]:.4f} ({worst[0]})")
 
 
-@app.command()
+@command()
 def compress(
     src: Annotated[Path, typer.Argument(help="PEFT adapter dir, or a fine-tuned model dir (with --base)")],
     out: Annotated[Path, typer.Argument(help="output directory")],
@@ -52,22 +49,19 @@ def compress(
     is_adapter = (src / ADAPTER_CONFIG).is_file()
     source = src if is_adapter or base is None else (base, src)
     params = key_values(param, "--param")
-    try:
-        report = run(
-            source,
-            out,
-            method,
-            lora_mode=lora_mode,
-            overwrite=overwrite,
-            base=base if is_adapter else None,
-            **params,
-        )
-    except expected_errors() as err:
-        fail(err)
+    report = run(
+        source,
+        out,
+        method,
+        lora_mode=lora_mode,
+        overwrite=overwrite,
+        base=base if is_adapter else None,
+        **params,
+    )
     typer.echo(format_report(report))
 
 
-@app.command()
+@command()
 def decompress(
     src: Annotated[Path, typer.Argument(help="compressed directory")],
     out: Annotated[Path, typer.Argument(help="output directory")],
@@ -81,10 +75,7 @@ def decompress(
     from deltatune.compress import decompress as run
     from deltatune.formats import ADAPTER_CONFIG, read_json
 
-    try:
-        path = run(src, out, base=base, rank=rank, overwrite=overwrite)
-    except expected_errors() as err:
-        fail(err)
+    path = run(src, out, base=base, rank=rank, overwrite=overwrite)
     typer.echo(f"wrote {path}")
     if rank is not None:
         errors = read_json(path / ADAPTER_CONFIG)["deltatune_report"]["svd_relative_errors"]
@@ -92,7 +83,7 @@ def decompress(
         typer.echo(f"rank {rank}: worst relative reconstruction error {worst[1]:.4f} ({worst[0]})")
 
 
-@app.command()
+@command()
 def extract(
     base: Annotated[Path, typer.Argument(help="base model dir")],
     finetuned: Annotated[Path, typer.Argument(help="fine-tuned model dir")],
@@ -103,8 +94,5 @@ def extract(
     """Turn a full fine-tune into a PEFT LoRA by (randomized) SVD; prints captured energy per module."""
     from deltatune.compress import extract_lora, format_report
 
-    try:
-        report = extract_lora(base, finetuned, out, rank, overwrite=overwrite)
-    except expected_errors() as err:
-        fail(err)
+    report = extract_lora(base, finetuned, out, rank, overwrite=overwrite)
     typer.echo(format_report(report))

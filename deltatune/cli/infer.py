@@ -7,25 +7,25 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli import app, expected_errors, fail
+from deltatune.cli import command, fail
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="'default', a HF directory, a .gguf file or a cached hub id")
 ]
-AdapterOpt = Annotated[Path | None, typer.Option("--adapter", "-a", help="adapter directory (PEFT format)")]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option("--adapter", "-a", help="delta dir: PEFT adapter (any method), dense or compressed delta"),
+]
 
 
 def _load(model: str, adapter: Path | None):
     import deltatune
     from deltatune.models import load_tokenizer
 
-    try:
-        return deltatune.load(model, adapter=adapter), load_tokenizer(model)
-    except expected_errors() as err:
-        fail(err)
+    return deltatune.load(model, adapter=adapter), load_tokenizer(model)
 
 
-@app.command()
+@command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="user message (or raw text with --raw)")],
     model: ModelOpt = "default",
@@ -41,7 +41,7 @@ def generate(
     typer.echo(gen(lm, tok, [text], max_new_tokens=max_new_tokens)[0])
 
 
-@app.command()
+@command()
 def chat(model: ModelOpt = "default", adapter: AdapterOpt = None, max_new_tokens: int = 256) -> None:
     """Interactive chat (empty line or Ctrl-D to quit)."""
     from deltatune.train.evaluate import generate as gen
@@ -61,7 +61,7 @@ def chat(model: ModelOpt = "default", adapter: AdapterOpt = None, max_new_tokens
         typer.echo(f"bot> {reply}")
 
 
-@app.command("eval")
+@command("eval")
 def evaluate(
     model: ModelOpt = "default",
     adapter: AdapterOpt = None,
@@ -76,16 +76,13 @@ def evaluate(
 
     if (task is None) == (data is None):
         fail("give exactly one of --task or --data")
-    try:
-        items = eval_items_from_task(task, n, seed=seed) if task else eval_items_from_file(data)[:n]
-    except expected_errors() as err:
-        fail(err)
+    items = eval_items_from_task(task, n, seed=seed) if task else eval_items_from_file(data)[:n]
     lm, tok = _load(model, adapter)
     result = exact_match_score(lm, tok, items, max_new_tokens=max_new_tokens)
     typer.echo(f"exact match: {100 * result['exact_match']:.1f}% of {result['n']}")
 
 
-@app.command()
+@command()
 def export(
     out: Annotated[Path, typer.Argument(help="output HF model directory")],
     model: ModelOpt = "default",
@@ -98,8 +95,5 @@ def export(
 
     if not merge or adapter is None:
         fail("export needs --adapter and --merge (a merged model directory is the output)")
-    try:
-        path = export_merged(model, adapter, out)
-    except expected_errors() as err:
-        fail(err)
+    path = export_merged(model, adapter, out)
     typer.echo(f"wrote {path} (deltatune {deltatune.__version__})")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deltatune.cli import app, expected_errors, fail, key_values, keys_help, with_keys_help
+from deltatune.cli import command, fail, key_values, keys_help, with_keys_help
 
 
 def _engine_options_help(args: list[str]) -> str:
@@ -31,7 +31,7 @@ def _engine_options(items: list[str]) -> dict[str, object]:
         fail(f"--option {first['loc'][0]}: {first['msg']} (got {first['input']!r})")
 
 
-@app.command(cls=with_keys_help(_engine_options_help))
+@command(cls=with_keys_help(_engine_options_help))
 def serve(
     base: Annotated[str, typer.Option(help="'default', a HF directory or a .gguf file")] = "default",
     adapter: Annotated[list[str], typer.Option(help="name=path, repeatable")] = [],  # noqa: B006
@@ -55,15 +55,12 @@ def serve(
             fail(f"--adapter expects name=path, got {item!r}")
         adapters[name] = Path(path)
     options = _engine_options(option)
-    try:
-        run(
-            base,
-            adapters,
-            host=host,
-            port=port,
-            api_key=api_key,
-            allowed_adapter_dirs=allow_adapter_dir,
-            **options,
-        )
-    except expected_errors() as err:
-        fail(err)
+    run(
+        base,
+        adapters,
+        host=host,
+        port=port,
+        api_key=api_key,
+        allowed_adapter_dirs=allow_adapter_dir,
+        **options,
+    )

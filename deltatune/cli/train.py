@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deltatune.cli import app, expected_errors, fail, keys_help, with_keys_help
+from deltatune.cli import command, fail, keys_help, with_keys_help
 
 
 def _config_keys(args: list[str]) -> str:
@@ -28,7 +28,7 @@ def _config_keys(args: list[str]) -> str:
     return core + keys_help(f"Keys of --method {method}", config_class)
 
 
-@app.command(
+@command(
     cls=with_keys_help(_config_keys),
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
@@ -43,11 +43,8 @@ def train(ctx: typer.Context) -> None:
 
     args = list(ctx.args)
     config = Path(args.pop(0)) if args and not args[0].startswith("--") else None
-    try:
-        cfg = load_config(config, parse_overrides(args))
-        summary = run(cfg)
-    except expected_errors() as err:
-        fail(err)
+    cfg = load_config(config, parse_overrides(args))
+    summary = run(cfg)
     if summary:
         typer.echo(
             f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "

@@ -36,12 +36,7 @@ class Codec:
     encode: Callable[[torch.Tensor, Any], Fields]  # (fp32 delta, params) -> stored fields
     decode: Callable[[Fields, tuple[int, ...]], torch.Tensor]  # (fields, shape) -> fp32 delta
     summary: str
-
-    @property
-    def calibrated(self) -> bool:
-        """Whether compress() can refine the encoding with a model and data (BitDelta's scale
-        distillation): the codec's parameters then carry the calibration settings."""
-        return "calibration_steps" in self.params.model_fields
+    calibrated: bool = False  # compress() can refine it with a model and data (BitDelta's scale distillation)
 
 
 def fields_bytes(fields: Fields) -> int:

@@ -54,7 +54,12 @@ def decode_bitdelta(fields: Fields, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 BITDELTA = Codec(
-    "bitdelta", BitDeltaParams, encode_bitdelta, decode_bitdelta, "1-bit signs x per-matrix scale"
+    "bitdelta",
+    BitDeltaParams,
+    encode_bitdelta,
+    decode_bitdelta,
+    "1-bit signs x per-matrix scale",
+    calibrated=True,
 )
 
 

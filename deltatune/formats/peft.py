@@ -216,6 +216,3 @@ def load_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 )
             param.copy_(value.to(param.dtype))
     return model
-
-
-AdapterError = FormatError  # transitional: the CLI is being moved to FormatError
