@@ -18,6 +18,7 @@ tokenizer, chat template and other small files of a source directory over to an 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class ModelFiles:
@@ -162,9 +160,7 @@ def _header(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> tupl
     meta: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offsets, position = [], 0
     for name, dtype, shape in entries:
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for s in shape:
-            nbytes *= s
+        nbytes = _nbytes(dtype, shape)
         meta[name] = {
             "dtype": DTYPE_NAMES[dtype],
             "shape": list(shape),
@@ -187,7 +183,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
         size = 0
         for entry in entries:
-            nbytes = torch.empty((), dtype=entry[1]).element_size() * int(torch.Size(entry[2]).numel())
+            nbytes = _nbytes(entry[1], entry[2])
             if shards[-1] and size + nbytes > shard_size:
                 shards.append([])
                 size = 0
@@ -209,7 +205,7 @@ class ShardedWriter:
             self._fds.append(fd)
             _pwrite_all(fd, memoryview(header), 0)
             for (name, dtype, shape), offset in zip(shard, offsets, strict=True):
-                nbytes = torch.empty((), dtype=dtype).element_size() * int(torch.Size(shape).numel())
+                nbytes = _nbytes(dtype, shape)
                 self.slots[name] = _Slot(index, len(header) + offset, nbytes, dtype)
                 self.weight_map[name] = file_name
                 self.total_bytes += nbytes
@@ -228,9 +224,7 @@ class ShardedWriter:
         return data.numel()
 
     def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self.abort()
         if len(self.file_names) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -246,6 +240,10 @@ class ShardedWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return dtype.itemsize * math.prod(shape)
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
