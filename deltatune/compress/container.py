@@ -160,30 +160,27 @@ def decode_parts(
     return decoded
 
 
+def decoded(
+    config: CompressionConfig, stored: dict[str, dict[str, Fields]], path: Path
+) -> Iterator[tuple[str, TensorEntry, dict[str, torch.Tensor]]]:
+    """(name, entry, decoded fp32 parts) for each tensor of the compressed directory at `path`."""
+    for name, entry in config.tensors.items():
+        yield name, entry, decode_parts(entry, stored[name], name, Path(path) / COMPRESSED_WEIGHTS)
+
+
 def compressed_lora(path: Path) -> dict[str, LoraFactors]:
     """The LoRA factors of a LoRA compressed in the `lora_factors` layout, decoded (for serving)."""
-    config, _ = read_compressed(path)
+    config, stored = read_compressed(path)
     if config.layout != "lora_factors":
         raise FormatError(
             f"{Path(path) / COMPRESSED_CONFIG}: layout {config.layout!r} holds no LoRA factors; only LoRA "
             "compressed with lora_mode='factors' can be batched (or decompress with --rank R)"
         )
+    scale = lambda entry: 1.0 if entry.lora_scale is None else entry.lora_scale  # noqa: E731
     return {
-        name: LoraFactors(
-            parts["lora_A"],
-            parts["lora_B"],
-            1.0 if entry.lora_scale is None else entry.lora_scale,
-            entry.transposed,
-        )
-        for name, entry, parts in iter_compressed(path)
+        name: LoraFactors(parts["lora_A"], parts["lora_B"], scale(entry), entry.transposed)
+        for name, entry, parts in decoded(config, stored, path)
     }
-
-
-def iter_compressed(path: Path) -> Iterator[tuple[str, TensorEntry, dict[str, torch.Tensor]]]:
-    """(name, entry, decoded fp32 parts) for each tensor of a compressed directory."""
-    config, stored = read_compressed(path)
-    for name, entry in config.tensors.items():
-        yield name, entry, decode_parts(entry, stored[name], name, Path(path) / COMPRESSED_WEIGHTS)
 
 
 # --- dense delta directories ----------------------------------------------------------------------------
@@ -193,7 +190,7 @@ def dense_deltas(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(parameter name, fp32 ΔW) from a compressed or a dense delta directory."""
     path = Path(path)
     if (path / COMPRESSED_CONFIG).is_file():
-        for name, entry, parts in iter_compressed(path):
+        for name, entry, parts in decoded(*read_compressed(path), path):
             param = f"{name}.weight" if "delta" not in parts else name
             yield param, entry_dense(entry, parts)
     elif (path / DENSE_CONFIG).is_file():

@@ -19,7 +19,6 @@ The output directory appears in one rename, complete or not at all.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,14 +28,13 @@ from deltatune.atomic import new_directory
 from deltatune.compress.base import Fields
 from deltatune.compress.container import (
     CompressionConfig,
-    TensorEntry,
-    decode_parts,
+    decoded,
     entry_dense,
     read_compressed,
 )
 from deltatune.deltas.base import PEFT_PREFIX
 from deltatune.deltas.lora import factors_from_svd
-from deltatune.formats import COMPRESSED_WEIGHTS, MODEL_CONFIG, FormatError
+from deltatune.formats import MODEL_CONFIG, FormatError
 from deltatune.formats.dense import write_dense_delta
 from deltatune.formats.hf import SINGLE_NAME, ModelFiles, copy_side_files
 from deltatune.formats.peft import write_adapter
@@ -44,19 +42,12 @@ from deltatune.formats.peft import write_adapter
 Stored = dict[str, dict[str, Fields]]
 
 
-def _decoded(
-    config: CompressionConfig, stored: Stored, src: Path
-) -> Iterator[tuple[str, TensorEntry, dict[str, torch.Tensor]]]:
-    for name, entry in config.tensors.items():
-        yield name, entry, decode_parts(entry, stored[name], name, src / COMPRESSED_WEIGHTS)
-
-
 def write_lora_dense(
     config: CompressionConfig, stored: Stored, src: Path, out: Path, base: str | None
 ) -> None:
     deltas = {
         name: entry_dense(entry, parts).to(entry.torch_dtype)
-        for name, entry, parts in _decoded(config, stored, src)
+        for name, entry, parts in decoded(config, stored, src)
     }
     meta = {"base_model_name_or_path": base or config.base_model, "compressed_with": config.method}
     write_dense_delta(out, deltas, meta)
@@ -66,7 +57,7 @@ def write_lora_factors(
     config: CompressionConfig, stored: Stored, src: Path, out: Path, base: str | None
 ) -> None:
     tensors = {}
-    for name, entry, parts in _decoded(config, stored, src):
+    for name, entry, parts in decoded(config, stored, src):
         dtype = entry.torch_dtype
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = parts["lora_A"].to(dtype)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = parts["lora_B"].to(dtype)
@@ -78,7 +69,7 @@ def write_lora_svd(
 ) -> None:
     """A dense-layout LoRA back to PEFT LoRA factors of `rank` (scale 1), by SVD of each ΔW."""
     tensors, errors = {}, {}
-    for name, entry, parts in _decoded(config, stored, src):
+    for name, entry, parts in decoded(config, stored, src):
         u, s, vh = torch.linalg.svd(entry_dense(entry, parts).double(), full_matrices=False)
         a, b, errors[name] = factors_from_svd(u, s, vh, rank)
         module = name.removesuffix(".weight")
@@ -110,7 +101,7 @@ def write_model(config: CompressionConfig, stored: Stored, src: Path, out: Path,
         raise FormatError(f"{base_dir}: base model has no tensor {missing[0]!r} (stored in {src})")
     with files.reader() as read:
         tensors = {name: read(name) for name in files.names()}
-    for name, entry, parts in _decoded(config, stored, src):
+    for name, entry, parts in decoded(config, stored, src):
         weight = tensors[name]
         if list(weight.shape) != entry.shape:
             raise FormatError(
