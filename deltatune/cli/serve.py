@@ -31,6 +31,13 @@ def _engine_options(items: list[str]) -> dict[str, object]:
         fail(f"--option {first['loc'][0]}: {first['msg']} (got {first['input']!r})")
 
 
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key or not value:
+        fail(f"{flag} expects {form}, got {item!r}")
+    return key, value
+
+
 @command(cls=with_keys_help(_engine_options_help))
 def serve(
     base: Annotated[str, typer.Option(help="'default', a HF directory or a .gguf file")] = "default",
@@ -41,6 +48,13 @@ def serve(
         str | None, typer.Option(envvar="DELTATUNE_API_KEY", help="required Bearer key")
     ] = None,
     allow_adapter_dir: Annotated[list[Path], typer.Option(help="dirs POST /v1/adapters may load from")] = [],  # noqa: B006
+    router: Annotated[
+        list[str],
+        typer.Option(help="NAME=ADAPTER1,ADAPTER2,...: a served name that picks one adapter per request"),
+    ] = [],  # noqa: B006
+    router_examples: Annotated[
+        list[str], typer.Option(help="ADAPTER=FILE or ADAPTER=task:NAME: example prompts of its skill")
+    ] = [],  # noqa: B006
     option: Annotated[
         list[str], typer.Option("--option", "-o", help="engine option key=value (listed below)")
     ] = [],  # noqa: B006
@@ -48,13 +62,20 @@ def serve(
     """OpenAI-compatible server for the base model and many adapters at once."""
     from deltatune.serve.app import serve as run
 
-    adapters = {}
-    for item in adapter:
-        name, eq, path = item.partition("=")
-        if not eq:
-            fail(f"--adapter expects name=path, got {item!r}")
-        adapters[name] = Path(path)
+    adapters = {
+        name: Path(path) for name, path in (_pair(item, "--adapter", "name=path") for item in adapter)
+    }
     options = _engine_options(option)
+    examples = dict(_pair(item, "--router-examples", "ADAPTER=FILE") for item in router_examples)
+    routers = {}
+    for item in router:
+        name, members = _pair(item, "--router", "NAME=ADAPTER1,ADAPTER2")
+        missing = [a for a in members.split(",") if a not in examples]
+        if missing:
+            fail(
+                f"--router {name}: adapter {missing[0]!r} needs example prompts: --router-examples {missing[0]}=FILE"
+            )
+        routers[name] = {a: examples[a] for a in members.split(",")}
     run(
         base,
         adapters,
@@ -62,5 +83,6 @@ def serve(
         port=port,
         api_key=api_key,
         allowed_adapter_dirs=allow_adapter_dir,
+        routers=routers,
         **options,
     )

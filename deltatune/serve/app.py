@@ -47,6 +47,7 @@ from deltatune.serve.engine import Engine, EngineClosedError, EngineOverloadedEr
 from deltatune.serve.engine import Request as EngineRequest
 from deltatune.serve.pool import UnknownAdapterError, validate_adapter_name
 from deltatune.serve.protocol import APIError
+from deltatune.serve.router import example_prompts
 
 log = logging.getLogger("deltatune.serve")
 DEFAULT_CHAT_MAX_TOKENS = 512  # when the request names none (capped by the context left)
@@ -177,8 +178,8 @@ def create_app(
     def adapter_for(model: str) -> str | None:
         if model == engine.model_name:
             return None
-        if model in engine.pool:
-            return model
+        if model in engine.pool or model in engine.routers:
+            return model  # a router picks the adapter per request, in engine.submit_many
         raise APIError(404, f"The model {model!r} does not exist", param="model", code="model_not_found")
 
     def submit(
@@ -206,6 +207,12 @@ def create_app(
             raise APIError(503, str(err), "server_error", None, "overloaded") from err
         except ValueError as err:
             raise APIError(400, str(err), param="max_tokens" if max_tokens else None) from err
+
+    async def routed(submit_fn, req, *args):
+        """Submit; a router's pick runs a (short) forward, so it runs off the event loop."""
+        if req.model in engine.routers:
+            return await run_in_threadpool(submit_fn, req, *args)
+        return submit_fn(req, *args)
 
     async def finished(requests: list[EngineRequest], events: _EventQueue) -> None:
         """Wait until every request has ended; a failed one becomes a 500."""
@@ -258,6 +265,8 @@ def create_app(
     async def models():
         cards = [p.model_card(engine.model_name, None, int(started))]
         cards += [p.model_card(n, engine.model_name, int(started)) for n in engine.adapters()]
+        for name, router in engine.routers.items():
+            cards.append(p.model_card(name, engine.model_name, int(started)) | {"routes_to": router.adapters})
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{name}")
@@ -273,7 +282,9 @@ def create_app(
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from err
         events = _EventQueue()
-        requests = submit(req, [ids], events, req.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS)
+        requests = await routed(
+            submit, req, [ids], events, req.requested_max_tokens(), DEFAULT_CHAT_MAX_TOKENS
+        )
         rid = p.new_id("chatcmpl")
         if req.stream:
 
@@ -286,16 +297,18 @@ def create_app(
                 if req.include_usage
                 else None
             )
-            return _sse_response(stream(requests, events, first, chunk, final))
+            return _sse_response(stream(requests, events, first, chunk, final), requests)
         await finished(requests, events)
         choices = [(r.text, r.finish_reason) for r in requests]
-        return p.chat_response(rid, req.model, choices, usage_of(requests))
+        return _routed_json(p.chat_response(rid, req.model, choices, usage_of(requests)), requests)
 
     @app.post("/v1/completions")
     async def completions(req: p.CompletionRequest):
         events = _EventQueue()
         prompts = [engine.text_prompt(text) for text in req.prompt]
-        requests = submit(req, prompts, events, req.requested_max_tokens(), DEFAULT_COMPLETION_MAX_TOKENS)
+        requests = await routed(
+            submit, req, prompts, events, req.requested_max_tokens(), DEFAULT_COMPLETION_MAX_TOKENS
+        )
         rid = p.new_id("cmpl")
         if req.stream:
 
@@ -307,10 +320,10 @@ def create_app(
                 if req.include_usage
                 else None
             )
-            return _sse_response(stream(requests, events, [], chunk, final))
+            return _sse_response(stream(requests, events, [], chunk, final), requests)
         await finished(requests, events)
         choices = [(r.text, r.finish_reason) for r in requests]
-        return p.completion_response(rid, req.model, choices, usage_of(requests))
+        return _routed_json(p.completion_response(rid, req.model, choices, usage_of(requests)), requests)
 
     @app.post("/v1/adapters")
     async def load_adapter(req: p.AdapterLoadRequest):
@@ -355,8 +368,24 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+ADAPTER_HEADER = "x-deltatune-adapter"  # the adapter(s) a router chose, one per choice, comma-separated
+
+
+def _routed_headers(requests: list[EngineRequest]) -> dict[str, str]:
+    return {ADAPTER_HEADER: ",".join(r.adapter or "" for r in requests)} if requests[0].router else {}
+
+
+def _routed_json(body: dict, requests: list[EngineRequest]) -> JSONResponse:
+    """The response, with the adapter a router chose per choice (`choices[i].adapter`) and as a header."""
+    if requests[0].router:
+        for choice, r in zip(body["choices"], requests, strict=True):
+            choice["adapter"] = r.adapter
+    return JSONResponse(body, headers=_routed_headers(requests))
+
+
+def _sse_response(chunks: AsyncIterator[str], requests: list[EngineRequest]) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", **_routed_headers(requests)}
+    return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
 
 
 def _interrupt(signum, frame) -> None:
@@ -370,9 +399,12 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     allowed_adapter_dirs: Sequence[str | Path] = (),
+    routers: dict[str, dict[str, str]] | None = None,
     **engine_options,
 ) -> None:
     """Load the base model and adapters, then serve until interrupted (blocks).
+
+    `routers`: served name -> {adapter: its example prompts, as `task:NAME` or a data file}.
 
     The engine's scheduler runs on this (the main) thread and uvicorn on a second one: torch work
     then stays on one thread, which keeps OpenMP fast (see `Engine.run`)."""
@@ -381,6 +413,9 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use it", host)
     engine = Engine.from_pretrained(base, adapters, autostart=False, **engine_options)
+    for name, specs in (routers or {}).items():
+        n = engine.options.router_examples
+        engine.add_router(name, {adapter: example_prompts(spec, n) for adapter, spec in specs.items()})
     app = create_app(engine, api_key=api_key, allowed_adapter_dirs=allowed_adapter_dirs)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     web = threading.Thread(target=server.run, name="deltatune-http", daemon=True)

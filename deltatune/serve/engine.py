@@ -47,10 +47,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import DynamicCache
 
-from deltatune.data.tokenize import left_pad, prompt_ids, stop_token_ids
+from deltatune.data.tokenize import Prompt, left_pad, prompt_ids, stop_token_ids
 from deltatune.serve.kv import BatchKV, prefill_positions
 from deltatune.serve.lora_batch import RowAdapters
-from deltatune.serve.pool import AdapterPool, PoolBusyError, UnknownAdapterError
+from deltatune.serve.pool import AdapterPool, PoolBusyError, UnknownAdapterError, validate_adapter_name
+from deltatune.serve.router import RequestRouter, build_router, pooled_states
 from deltatune.serve.sampling import SamplingParams, TextStream, choose_tokens, make_generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,6 +84,7 @@ class Request:
     adapter: str | None
     params: SamplingParams
     on_event: Callable[[Event], None] | None = None
+    router: str | None = None  # the router that chose `adapter`, if one did
     id: int = field(default_factory=lambda: next(_request_ids))
     text: str = ""
     completion_tokens: int = 0
@@ -141,6 +143,8 @@ class EngineOptions(BaseModel):
         None, description="adapter weight bytes kept loaded, idle ones evicted LRU-first (default: no limit)"
     )
     prepack: bool = Field(True, description="oneDNN-packed linear weights: 2-3x faster on CPU, 2x memory")
+    router_layer: int = Field(4, ge=1, description="decoder blocks a request router runs to pick an adapter")
+    router_examples: int = Field(16, ge=1, description="example prompts per adapter for a router's prototype")
 
 
 class LoadOptions(EngineOptions):
@@ -178,6 +182,7 @@ class Engine:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.stop_ids, default=0)
         self.routing = RowAdapters()
+        self.routers: dict[str, RequestRouter] = {}
         self.pool = AdapterPool(self.model, self.routing, opts.adapter_budget_bytes, opts.prepack)
         if opts.prepack:
             self.pool.wrap_all_linear()
@@ -223,7 +228,40 @@ class Engine:
         self.pool.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
+        if any(name in r.adapters for r in self.routers.values()):
+            raise ValueError(f"adapter {name!r} is routed to by a router; remove the router first")
         self.pool.unregister(name)
+
+    def add_router(self, name: str, examples: dict[str, list[Prompt]]) -> RequestRouter:
+        """Serve `name` as a request-level router over the adapters keyed in `examples`
+        (each with a few example prompts of its skill; see serve/router.py)."""
+        validate_adapter_name(name)
+        if name == self.model_name or name in self.pool or name in self.routers:
+            raise ValueError(f"a model named {name!r} is already served")
+        unknown = [a for a in examples if a not in self.pool]
+        if unknown:
+            raise UnknownAdapterError(unknown[0])
+        with self._base_rows():
+            router = build_router(self.model, self.tokenizer, name, examples, self.options.router_layer)
+        self.routers[name] = router
+        return router
+
+    def route(self, router: str, prompt: list[int]) -> str:
+        """The adapter `router` picks for `prompt`."""
+        r = self.routers[router]
+        with self._base_rows():
+            return r.choose(pooled_states(self.model, [prompt], self.pad_id, r.layer))[0]
+
+    @contextlib.contextmanager
+    def _base_rows(self):
+        """Run a base-model forward between the scheduler's steps, then restore its routing."""
+        with self.pool.lock:
+            saved = self.routing.slots or []
+            self.routing.set([])
+            try:
+                yield
+            finally:
+                self.routing.set(saved)
 
     def adapters(self) -> list[str]:
         return self.pool.names()
@@ -278,6 +316,9 @@ class Engine:
         return [r.wait() for r in requests]
 
     def _new_request(self, prompt, adapter, params, on_event) -> Request:
+        router = adapter if adapter in self.routers else None
+        if router is not None and prompt:
+            adapter = self.route(router, prompt)
         if adapter is not None and adapter not in self.pool:
             raise UnknownAdapterError(adapter)
         if not prompt:
@@ -287,7 +328,7 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"the model's context of {self.max_model_len} tokens"
             )
-        req = Request(list(prompt), adapter, params, on_event)
+        req = Request(list(prompt), adapter, params, on_event, router)
         req.stream = TextStream(self.tokenizer, params.stop)
         return req
 
@@ -361,7 +402,7 @@ class Engine:
             for req in self._running:
                 self._fail(req, f"generation failed: {type(err).__name__}: {err}")
             self._running, self._kv = [], None
-            self.routing.set([])
+            self._route_running()
         return True
 
     def _admissible(self) -> bool:
@@ -396,8 +437,8 @@ class Engine:
         try:
             ids, mask = left_pad([r.prompt_ids for r in group], self.pad_id)
             ids, mask = ids.to(self.device), mask.to(self.device)
-            self.routing.set([r.slot for r in group])
             with self.pool.lock:
+                self.routing.set([r.slot for r in group])
                 out = self.model(
                     input_ids=ids,
                     attention_mask=mask,
@@ -409,7 +450,7 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - fail this group only; the running batch goes on
             for req in group:
                 self._fail(req, f"prefill failed: {type(err).__name__}: {err}")
-            self.routing.set([r.slot for r in self._running])
+            self._route_running()
             return
         self.metrics.prefill_forwards += 1
         self.metrics.prompt_tokens += int(mask.sum())
@@ -424,7 +465,7 @@ class Engine:
             else:
                 self._kv.merge(kv)
             self._running.extend(group[i] for i in keep)
-        self.routing.set([r.slot for r in self._running])
+        self._route_running()
 
     def _decode_step(self) -> None:
         kv, rows = self._kv, self._running
@@ -449,6 +490,11 @@ class Engine:
                 kv.select(keep)
             else:
                 self._kv = None
+            self._route_running()
+
+    def _route_running(self) -> None:
+        """Point every wrapped layer at the running rows' adapters (under the lock, like forwards)."""
+        with self.pool.lock:
             self.routing.set([r.slot for r in self._running])
 
     def _accept(self, req: Request, token: int) -> bool:
