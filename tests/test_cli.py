@@ -91,6 +91,7 @@ def test_serve_passes_validated_engine_options(served):
             port=8000,
             api_key=None,
             allowed_adapter_dirs=[],
+            routers={},
             max_batch=8,
             prepack=False,
             dtype="bfloat16",
