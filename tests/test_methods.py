@@ -38,7 +38,7 @@ SMALL = {  # configs that fit the tiny model (and keep the tests fast)
     "graft": dict(graft_density=0.05),
     "diff_pruning": dict(diff_density=0.05),
 }
-UNMERGEABLE = {"houlsby", "parallel_adapter", "prompt_tuning", "prefix_tuning", "ptuning_v2"}
+UNMERGEABLE = {"houlsby", "parallel_adapter", "prompt_tuning", "prefix_tuning", "ptuning_v2", "mixlora"}
 
 
 def tiny(seed=0, **kw):
@@ -86,9 +86,11 @@ def test_registry_names_families_and_unknown_method():
         ),
         **dict.fromkeys(["ia3", "ssf", "houlsby", "parallel_adapter"], "activation"),
         **dict.fromkeys(["prompt_tuning", "prefix_tuning", "ptuning_v2"], "input"),
+        **dict.fromkeys(["mixlora"], "routed"),
     }
     assert list(METHODS) == list(expected) and expected == FAMILIES
-    assert {n for n, m in METHODS.items() if m.lora_plus_params} == {"lora", "dora", "pissa", "olora"}
+    lora_plus = {"lora", "dora", "pissa", "olora", "mixlora"}
+    assert {n for n, m in METHODS.items() if m.lora_plus_params} == lora_plus
     assert [n for n, m in METHODS.items() if m.servable] == ["lora"]  # DoRA is not plain LoRA
     with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: lora, dora, pissa"):
         get_method("lorra")

@@ -310,7 +310,7 @@ def test_export_keeps_bias_deltas(tmp_path, tiny_dir):
     torch.testing.assert_close(plain(ids).logits, model.eval()(ids).logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["pissa", "vera", "graft"])
+@pytest.mark.parametrize("method", ["pissa", "vera", "graft", "mixlora"])
 def test_resume_restores_raw_training_state(method, tmp_path, tiny_dir):
     """Methods with buffers (VeRA, PiSSA) or a save-time selection (graft) resume exactly too."""
     cfg = dict(

@@ -45,6 +45,7 @@ from deltatune.deltas.prefix_tuning import PrefixTuning, PtuningV2
 from deltatune.deltas.prompt_tuning import PromptTuning
 from deltatune.deltas.ssf import Ssf
 from deltatune.deltas.vera import Vera
+from deltatune.route.mixlora import MixLora
 
 _METHODS: list[Method] = [
     # weight deltas
@@ -71,6 +72,8 @@ _METHODS: list[Method] = [
     PromptTuning(),
     PrefixTuning(),
     PtuningV2(),
+    # routed deltas
+    MixLora(),
 ]
 FAMILIES: dict[str, str] = {m.name: m.family for m in _METHODS}
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}

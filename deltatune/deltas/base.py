@@ -245,6 +245,17 @@ def delta_layers(model: nn.Module) -> dict[str, DeltaLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, DeltaLayer)}
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the auxiliary losses delta layers left in their last forward (`layer.aux_loss`, e.g.
+    a router's load balancing), or None when none did: the training loop adds it to the loss."""
+    losses = [
+        loss
+        for m in model.modules()
+        if isinstance(m, DeltaLayer) and (loss := getattr(m, "aux_loss", None)) is not None
+    ]
+    return sum(losses[1:], losses[0]) if losses else None
+
+
 def named_delta_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Trainable delta parameters by their path in the model (the keys saved to disk, minus prefix).
 

@@ -36,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from deltatune import attention
-from deltatune.deltas import add_delta, named_delta_parameters
+from deltatune.deltas import add_delta, delta_report, named_delta_parameters
+from deltatune.deltas.base import aux_loss
 from deltatune.formats import write_json
 from deltatune.formats.peft import save_delta
 from deltatune.models import load_model, load_tokenizer
@@ -302,7 +303,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         # every rank knows the step's global rows, so the token counts need no communication
         step_targets = int((train_rows.labels[idx][:, 1:] != -100).sum())
         step_tokens = int((train_rows.input_ids[idx] != tokenizer.pad_token_id).sum())
-        loss_sum = 0.0
+        loss_sum, aux_sum = 0.0, None
         for micro in range(cfg.grad_accum):
             sel = mine[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
             batch = [
@@ -313,9 +314,17 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             with ctx, torch.autocast(**autocast):
                 loss = train_module(*batch)
                 # DDP averages gradients over ranks; scale so the sum over all target tokens is / step_targets
-                (loss * world / step_targets).backward()
+                total = loss * world / step_targets
+                aux = aux_loss(model)  # e.g. a router's load balancing, left on its layers by this forward
+                if aux is not None:
+                    # a per-micro-batch mean: / grad_accum here and DDP's average over ranks make the
+                    # step's aux the mean over its micro-batches (packed rows: equal tokens in each)
+                    total = total + aux / cfg.grad_accum
+                    aux_sum = (aux_sum or 0.0) + aux.item()
+                total.backward()
             loss_sum += loss.item()
         last_loss = all_sum(loss_sum, device) / step_targets
+        last_aux = None if aux_sum is None else all_sum(aux_sum, device) / (cfg.grad_accum * world)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm or float("inf")
         ).item()
@@ -343,6 +352,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
                 "tokens": tokens_seen,
                 "tokens_per_second": tps,
             }
+            if last_aux is not None:
+                record["aux_loss"] = last_aux
         if eval_rows is not None and cfg.eval_every and step % cfg.eval_every == 0:
             record.update(
                 step=step, eval_loss=eval_loss(loss_fn, eval_rows, cfg.batch_size, device, autocast)
@@ -371,6 +382,11 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, "eval_loss": final_eval_loss}) + "\n")
         plot_metrics(metrics_file, out / "loss.png")
+        report = delta_report(model)
+        if report.get("router_load"):
+            from deltatune.route.mixlora import plot_router_load
+
+            plot_router_load(report["router_load"], out / "router_load.png")
         summary = {
             "method": cfg.method,
             "model": cfg.model,
@@ -391,6 +407,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "packing": vars(train_rows.stats) | {"efficiency": train_rows.stats.efficiency},
             "output": str(out),
         }
+        if report:
+            summary["delta_report"] = report
         write_json(out / "summary.json", summary)
     if world > 1:
         dist.barrier()
