@@ -7,6 +7,7 @@ tuning):
     weight deltas       W' = W + ΔW (low-rank, orthogonal, Kronecker, bias, sparse, dense)
     activation deltas   h' = h ⊙ s + b, or h + f(h)
     input deltas        virtual tokens / per-layer key-value prefixes the input attends to
+    routed deltas       each token mixes several sub-deltas by router weights (deltatune/route/)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from deltatune.deltas.prefix_tuning import PrefixTuning, PtuningV2
 from deltatune.deltas.prompt_tuning import PromptTuning
 from deltatune.deltas.ssf import Ssf
 from deltatune.deltas.vera import Vera
+from deltatune.route.arrow import Arrow
 from deltatune.route.mixlora import MixLora
 
 _METHODS: list[Method] = [
@@ -73,6 +75,7 @@ _METHODS: list[Method] = [
     PrefixTuning(),
     PtuningV2(),
     # routed deltas
+    Arrow(),
     MixLora(),
 ]
 FAMILIES: dict[str, str] = {m.name: m.family for m in _METHODS}

@@ -63,7 +63,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method(self) -> TrainConfig:
-        get_method(self.method)
+        require_trainable(self.method)
         if self.data is None and self.task is None:
             self.task = "reversal"
         return self
@@ -73,6 +73,15 @@ class TrainConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.model_dump(), **self.delta_config().model_dump()}
+
+
+def require_trainable(method_name: str, source: str = "") -> None:
+    """Refuse a method with nothing to train (arrow routes existing adapters) before the loop starts."""
+    if not getattr(get_method(method_name), "trainable", True):
+        raise ConfigError(
+            f"{source}config key 'method': {method_name!r} has nothing to train (it routes existing "
+            "adapters); build it with `deltatune route` or add_delta instead"
+        )
 
 
 def _method_keys() -> set[str]:
@@ -95,6 +104,7 @@ def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
         raise ConfigError(
             f"{source}config key 'method': unknown method {method_name!r}; valid: {', '.join(METHODS)}"
         )
+    require_trainable(method_name, source)
     method_fields = get_method(method_name).config_class.model_fields
     core = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
     method_args = {k: v for k, v in values.items() if k in method_fields}
