@@ -16,14 +16,13 @@ from typer.testing import CliRunner
 import deltatune
 from deltatune.cli import app
 from deltatune.deltas import delta_layers, named_delta_parameters
-from deltatune.deltas.base import aux_loss
+from deltatune.deltas.base import RoutedMergeError, aux_loss
 from deltatune.formats import FormatError
 from deltatune.models import load_tokenizer, tiny_llama
 from deltatune.route.mixlora import (
     PROJECTIONS,
     MixLoraConfig,
     MixLoraMLP,
-    RoutedMergeError,
     experts_per_layer,
 )
 from deltatune.train.config import ConfigError, build_config

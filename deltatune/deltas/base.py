@@ -156,6 +156,17 @@ def unfold_bias(layer: DeltaLayer, bias: torch.Tensor) -> None:
         base.bias -= bias.to(base.bias.dtype)
 
 
+class RoutedMergeError(ValueError, NotImplementedError):
+    """Merging a routed delta: a ValueError (the CLI prints one line) that is also 'not implemented'."""
+
+
+def refuse_routed_merge(method: str, why: str) -> None:
+    raise RoutedMergeError(
+        f"{method} cannot be merged: a routed delta cannot be folded into the weights ({why}); "
+        "load it with the delta attached instead (deltatune.load(base, adapter=...))"
+    )
+
+
 @dataclass(frozen=True)
 class Method:
     """One registry entry. Subclass it in the method's module; override only what differs."""
@@ -166,6 +177,7 @@ class Method:
     peft_type: ClassVar[str | None] = None  # None: stored in deltatune's own format
     lora_plus_params: ClassVar[tuple[str, ...]] = ()  # name fragments of the "up" factors LoRA+ speeds up
     servable: ClassVar[bool] = False  # whether the multi-adapter server runs adapters this method reads
+    trainable: ClassVar[bool] = True  # False: it has no parameters (Arrow routes adapters trained elsewhere)
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         return match_linear_modules(model, getattr(cfg, "target_modules", "all-linear"))

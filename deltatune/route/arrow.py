@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype
+from deltatune.deltas.base import DeltaConfig, DeltaLayer, Method, in_delta_dtype, refuse_routed_merge
 from deltatune.formats import FormatError
 
 if TYPE_CHECKING:
@@ -160,10 +160,7 @@ class ArrowLinear(DeltaLayer):
         return out + delta.view(*x.shape[:-1], -1).to(out.dtype)
 
     def merge(self) -> None:
-        raise ValueError(
-            "an Arrow delta cannot be merged: a routed delta cannot be folded into the weights, since "
-            "every token mixes its own top-k adapters (there is no single ΔW)"
-        )
+        refuse_routed_merge("arrow", "every token mixes its own top-k adapters: there is no single ΔW")
 
 
 # --- the method ------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ class Arrow(Method):
     name = "arrow"
     config_class = ArrowConfig
     family = "routed"
-    trainable: ClassVar[bool] = False  # no parameters: it routes adapters trained elsewhere
+    trainable = False  # no parameters: it routes adapters trained elsewhere
 
     def attach(self, model: nn.Module, cfg: ArrowConfig) -> list[str]:
         _check_counts(cfg)

@@ -59,6 +59,7 @@ from deltatune.deltas.base import (
     delta_layers,
     in_delta_dtype,
     match_linear_modules,
+    refuse_routed_merge,
 )
 from deltatune.deltas.lora import LoraLinear, lora_scale
 
@@ -66,15 +67,8 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-class RoutedMergeError(ValueError, NotImplementedError):
-    """Merging a routed delta: a ValueError (the CLI prints one line) that is also 'not implemented'."""
-
-
 def _refuse_merge() -> None:
-    raise RoutedMergeError(
-        "mixlora cannot be merged: a routed delta cannot be folded into the weights (its router picks "
-        "experts per token); load it with the delta attached instead (deltatune.load(base, adapter=...))"
-    )
+    refuse_routed_merge("mixlora", "its router picks experts per token")
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class TrainConfig(BaseModel):
 
 def require_trainable(method_name: str, source: str = "") -> None:
     """Refuse a method with nothing to train (arrow routes existing adapters) before the loop starts."""
-    if not getattr(get_method(method_name), "trainable", True):
+    if not get_method(method_name).trainable:
         raise ConfigError(
             f"{source}config key 'method': {method_name!r} has nothing to train (it routes existing "
             "adapters); build it with `deltatune route` or add_delta instead"
