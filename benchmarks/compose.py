@@ -139,7 +139,8 @@ def serve_tokens_per_second(scorer: bench.Scorer, tasks, adapters: dict[str, Pat
     try:
         if mode == "router":
             engine.add_router("skills", {t: example_prompts(f"task:{t}", ROUTER_EXAMPLES) for t in adapters})
-        prompts = [scorer.items[tasks[i % len(tasks)]][i // len(tasks)].prompt for i in range(SERVE_ROWS)]
+        per_task = [scorer.items[tasks[i % len(tasks)]] for i in range(SERVE_ROWS)]
+        prompts = [items[(i // len(tasks)) % len(items)].prompt for i, items in enumerate(per_task)]
         ids = [engine.chat_prompt(p) for p in prompts]
         names = {
             "one": [next(iter(adapters))] * SERVE_ROWS,  # one adapter for every row
