@@ -177,6 +177,7 @@ class Method:
     peft_type: ClassVar[str | None] = None  # None: stored in deltatune's own format
     lora_plus_params: ClassVar[tuple[str, ...]] = ()  # name fragments of the "up" factors LoRA+ speeds up
     servable: ClassVar[bool] = False  # whether the multi-adapter server runs adapters this method reads
+    served_per_row: ClassVar[bool] = False  # served by recomputing its modules on its rows (routed deltas)
     trainable: ClassVar[bool] = True  # False: it has no parameters (Arrow routes adapters trained elsewhere)
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:

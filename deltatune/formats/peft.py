@@ -181,9 +181,10 @@ def _for_disk(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() else t
 
 
-def load_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Attach the adapter at `path` to `model` and load its weights; every mismatch names the file."""
-    adapter = read_adapter(path)
+def load_delta(model: nn.Module, path: str | os.PathLike | Adapter) -> nn.Module:
+    """Attach the adapter at `path` (or one read already) to `model` and load its weights; every
+    mismatch names the file."""
+    adapter = path if isinstance(path, Adapter) else read_adapter(path)
     method = adapter.method
     try:
         state = method.from_disk(adapter.tensors)

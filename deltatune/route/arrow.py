@@ -248,6 +248,7 @@ class Arrow(Method):
     config_class = ArrowConfig
     family = "routed"
     trainable = False  # no parameters: it routes adapters trained elsewhere
+    servable = served_per_row = True  # per row in the batched engine (serve/row_deltas.py)
 
     def attach(self, model: nn.Module, cfg: ArrowConfig) -> list[str]:
         _check_counts(cfg)

@@ -288,7 +288,7 @@ class MixLora(Method):
     config_class = MixLoraConfig
     family = "routed"
     lora_plus_params = (".lora_B.",)  # every expert's B factors and the shared attention LoRA's B
-    servable = False
+    servable = served_per_row = True  # per row in the batched engine (serve/row_deltas.py)
 
     def targets(self, model: nn.Module, cfg: MixLoraConfig) -> list[str]:
         paths = mlp_paths(model)

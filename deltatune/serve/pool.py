@@ -28,6 +28,7 @@ from torch import nn
 from deltatune.formats import ADAPTER_WEIGHTS, DENSE_CONFIG, FormatError, delta_kind
 from deltatune.formats.peft import LoraFactors, lora_modules, read_adapter
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
+from deltatune.serve.row_deltas import RowDeltas
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -41,6 +42,14 @@ class UnknownAdapterError(KeyError):
 
 class PoolBusyError(RuntimeError):
     """The budget is full of adapters that running requests hold; try again when one finishes."""
+
+
+@dataclass
+class RowServed:
+    layers: dict[str, nn.Module]  # a routed delta's layers by module path, on a shadow of the base
+
+
+Served = dict[str, LoraFactors] | RowServed
 
 
 @dataclass
@@ -65,9 +74,10 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
-def read_servable(path: str | Path) -> dict[str, LoraFactors]:
-    """The LoRA factors of a delta the batched engine can serve: a LoRA adapter, or a LoRA
-    compressed in the factors layout (decoded here). Anything else is refused, naming the file."""
+def read_servable(path: str | Path, rows: RowDeltas) -> Served:
+    """What the batched engine serves for a delta: LoRA factors (a LoRA adapter, or a LoRA compressed
+    in the factors layout, decoded here), or a routed delta's layers (served per row). Anything
+    else is refused, naming the file."""
     kind = delta_kind(path)
     if kind == "compressed":
         from deltatune.compress.container import compressed_lora
@@ -79,9 +89,12 @@ def read_servable(path: str | Path) -> dict[str, LoraFactors]:
             f"the base (deltatune export OUT --adapter {path} --merge) and serve OUT as --base"
         )
     adapter = read_adapter(path)
+    if adapter.method.served_per_row:
+        return RowServed(rows.load(adapter))
     if not adapter.method.servable:
         raise FormatError(
-            f"{adapter.config_file}: method {adapter.method.name!r} cannot be served; only LoRA and rsLoRA can"
+            f"{adapter.config_file}: method {adapter.method.name!r} cannot be served; only LoRA, rsLoRA "
+            "and the routed deltas (arrow, mixlora) can"
         )
     return lora_modules(adapter).modules
 
@@ -129,6 +142,7 @@ class AdapterPool:
         self._next_slot = 1
         self._free_slots: list[int] = []
         self.stats = PoolStats()
+        self.rows = RowDeltas(model, routing)  # routed deltas, served per row (serve/row_deltas.py)
 
     def wrap_all_linear(self) -> None:
         """Wrap every nn.Linear now (the output head too), so all base projections use the packed path."""
@@ -142,9 +156,7 @@ class AdapterPool:
         """Validate and load an adapter now (evicting idle ones if needed); errors name the file."""
         validate_adapter_name(name)
         path = Path(path)
-        modules = read_servable(path)  # file I/O outside the lock
-        check_fits(self.model, modules, path)
-        nbytes = self._nbytes(modules)
+        modules, nbytes = self._read(path)  # file I/O outside the lock
         if self.budget_bytes is not None and nbytes > self.budget_bytes:
             raise FormatError(
                 f"{path}: needs {nbytes} bytes, more than the pool budget of {self.budget_bytes}"
@@ -186,10 +198,7 @@ class AdapterPool:
             if name not in self.paths or name in self._doomed:
                 raise UnknownAdapterError(name)
             if name not in self.resident:
-                path = self.paths[name]
-                modules = read_servable(path)
-                check_fits(self.model, modules, path)
-                self._make_resident(name, modules, self._nbytes(modules))
+                self._make_resident(name, *self._read(self.paths[name]))
             entry = self.resident[name]
             entry.refs += 1
             self.resident.move_to_end(name)
@@ -221,21 +230,33 @@ class AdapterPool:
             }
 
     # --- internals (called with the lock held) --------------------------------------------------
-    def _nbytes(self, modules: dict[str, LoraFactors]) -> int:
+    def _read(self, path: Path) -> tuple[Served, int]:
+        """What a slot of this adapter holds, checked against the model, and its bytes."""
+        modules = read_servable(path, self.rows)
+        if isinstance(modules, RowServed):
+            return modules, self.rows.nbytes(modules.layers)
+        check_fits(self.model, modules, path)
         size = torch.empty((), dtype=self.dtype).element_size()
-        return sum((w.a.numel() + w.b.numel()) * size for w in modules.values())
+        return modules, sum((w.a.numel() + w.b.numel()) * size for w in modules.values())
 
-    def _make_resident(self, name: str, modules: dict[str, LoraFactors], nbytes: int) -> None:
+    def _make_resident(self, name: str, modules: Served, nbytes: int) -> None:
         self._evict_for(nbytes)
         slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+        self.resident[name] = _Resident(slot, nbytes)
+        self.stats.loads += 1
+        if isinstance(modules, RowServed):
+            for path in modules.layers:  # hooks go on the wrappers, which run for every row
+                if isinstance(self.model.get_submodule(path), nn.Linear):
+                    self.layers[path] = wrap_linear(self.model, path, self.routing, self.prepack)
+            self.rows.add(slot, modules.layers)
+            self._targets[name] = []
+            return
         for path, w in modules.items():
             layer = self.layers.get(path)
             if layer is None:
                 layer = self.layers[path] = wrap_linear(self.model, path, self.routing, self.prepack)
             layer.write_slot(slot, w.a, w.b, w.scale)
         self._targets[name] = list(modules)
-        self.resident[name] = _Resident(slot, nbytes)
-        self.stats.loads += 1
 
     def _take_new_slot(self) -> int:
         slot, self._next_slot = self._next_slot, self._next_slot + 1
@@ -257,4 +278,5 @@ class AdapterPool:
         entry = self.resident.pop(name)
         for path in self._targets.pop(name, []):
             self.layers[path].clear_slot(entry.slot)
+        self.rows.remove(entry.slot)
         self._free_slots.append(entry.slot)
