@@ -110,7 +110,11 @@ def test_registry_names_families_and_unknown_method():
     assert list(METHODS) == list(expected) and expected == FAMILIES
     lora_plus = {"lora", "dora", "pissa", "olora", "mixlora"}
     assert {n for n, m in METHODS.items() if m.lora_plus_params} == lora_plus
-    assert [n for n, m in METHODS.items() if m.servable] == ["lora", "arrow", "mixlora"]  # DoRA is not plain LoRA
+    assert [n for n, m in METHODS.items() if m.servable] == [
+        "lora",
+        "arrow",
+        "mixlora",
+    ]  # DoRA is not plain LoRA
     assert [n for n, m in METHODS.items() if m.served_per_row] == ["arrow", "mixlora"]  # the routed deltas
     with pytest.raises(ValueError, match="unknown method 'lorra'; valid methods: lora, dora, pissa"):
         get_method("lorra")
