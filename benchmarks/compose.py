@@ -9,6 +9,7 @@ there), the best static merge (linear in adapter space, exact at r48: it had the
 both trios in the merge benchmark, so no merge is chosen on these test items), Arrow top-1 and
 top-2 over the three adapters (peft-compatible, per token), request-level routing (one adapter per
 prompt, from 16 example prompts per adapter of the task's train split; `deltatune.serve.router`),
+Arrow pooled over the prompt (the same request-level routing with Arrow's prototypes, no data),
 one LoRA r16 trained on the union of the three tasks' training data, and MixLoRA trained on the
 same union data for the same steps at the same trainable-parameter budget (±10%). Each row is
 scored by exact match (greedy) on the same held-out test items of each task; "kept" is the row's
@@ -45,8 +46,9 @@ import merge as bench  # noqa: E402  (the merge benchmark's adapters, scorer and
 import deltatune  # noqa: E402
 from deltatune.data.tasks import examples  # noqa: E402
 from deltatune.deltas import named_delta_parameters  # noqa: E402
+from deltatune.formats.peft import read_lora  # noqa: E402
 from deltatune.serve import Engine, SamplingParams  # noqa: E402
-from deltatune.serve.router import build_router, example_prompts, pooled_states  # noqa: E402
+from deltatune.serve.router import arrow_router, build_router, example_prompts  # noqa: E402
 
 OUT = bench.OUT
 WORK = OUT / "compose"
@@ -106,13 +108,9 @@ def routed_scores(scorer: bench.Scorer, tasks, adapters: dict[str, Path], router
     picks: dict[str, list[str]] = {}
     for t in tasks:
         rows = [prompt_ids(tok, it.prompt) for it in scorer.items[t]]
-        states = torch.cat(
-            [
-                pooled_states(scorer.base_bf16, rows[i : i + 16], pad, ROUTER_LAYER)
-                for i in range(0, len(rows), 16)
-            ]
-        )
-        picks[t] = router.choose(states)
+        picks[t] = [
+            a for i in range(0, len(rows), 16) for a in router.route(scorer.base_bf16, rows[i : i + 16], pad)
+        ]
     models = {a: scorer.with_adapter(adapters[a]) for a in adapters}
     scores, accuracy = {}, {}
     for t in tasks:
@@ -138,7 +136,9 @@ def serve_tokens_per_second(scorer: bench.Scorer, tasks, adapters: dict[str, Pat
     )
     try:
         if mode == "router":
-            engine.add_router("skills", {t: example_prompts(f"task:{t}", ROUTER_EXAMPLES) for t in adapters})
+            engine.add_router(
+                "skills", list(adapters), {t: example_prompts(f"task:{t}", ROUTER_EXAMPLES) for t in adapters}
+            )
         per_task = [scorer.items[tasks[i % len(tasks)]] for i in range(SERVE_ROWS)]
         prompts = [items[(i // len(tasks)) % len(items)].prompt for i, items in enumerate(per_task)]
         ids = [engine.chat_prompt(p) for p in prompts]
@@ -205,6 +205,21 @@ def run_trio(scorer: bench.Scorer, trio: str, tasks, adapters: dict[str, Path], 
     )  # fmt: skip
     scores, accuracy = routed_scores(scorer, tasks, own_adapters, router)
     rows.append(row("request-level routing", scores, own, 0, None, router_accuracy=accuracy))
+    print(f"[{trio}] {rows[-1]}")
+    library = {t: read_lora(adapters[t]) for t in tasks}
+    scores, accuracy = routed_scores(
+        scorer, tasks, own_adapters, arrow_router("arrow", library, ROUTER_LAYER)
+    )
+    rows.append(
+        row(
+            "Arrow pooled over the prompt (request-level, no data)",
+            scores,
+            own,
+            0,
+            None,
+            router_accuracy=accuracy,
+        )
+    )
     print(f"[{trio}] {rows[-1]}")
 
     bench.wait_for_quiet_cpu(f"{trio}: union LoRA")

@@ -87,7 +87,9 @@ def test_router_picks_the_skill_of_held_out_prompts(tok):
 def test_engine_routes_each_request_and_generates_like_the_chosen_adapter(tok, adapters):
     engine = Engine(base(), tok, "base", adapters, autostart=False)
     try:
-        engine.add_router("skills", {a: example_prompts(f"task:{t}", 8) for a, t in SKILLS.items()})
+        engine.add_router(
+            "skills", list(SKILLS), {a: example_prompts(f"task:{t}", 8) for a, t in SKILLS.items()}
+        )
         prompts = {
             a: [ex.messages(with_answer=False) for ex in examples(t, "test", 3)] for a, t in SKILLS.items()
         }
@@ -96,7 +98,7 @@ def test_engine_routes_each_request_and_generates_like_the_chosen_adapter(tok, a
             [engine.chat_prompt(p) for p, _ in jobs], ["skills"] * len(jobs), SamplingParams(max_tokens=6)
         )
         with pytest.raises(ValueError, match="already served"):
-            engine.add_router("rev", {"rev": [], "add": []})
+            engine.add_router("rev", ["rev", "add"], {"rev": [], "add": []})
         with pytest.raises(ValueError, match="routed to by a router"):
             engine.unload_adapter("rev")
     finally:
@@ -114,7 +116,7 @@ def test_openai_client_sees_the_router_and_the_chosen_adapter(tok, adapters, tmp
     from tests.test_serve import live_server
 
     engine = Engine(base(), tok, "base", adapters, max_batch=8)
-    engine.add_router("skills", {a: example_prompts(f"task:{t}", 8) for a, t in SKILLS.items()})
+    engine.add_router("skills", list(SKILLS), {a: example_prompts(f"task:{t}", 8) for a, t in SKILLS.items()})
     try:
         with live_server(create_app(engine)) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -139,6 +141,61 @@ def test_openai_client_sees_the_router_and_the_chosen_adapter(tok, adapters, tmp
             assert text == direct.choices[0].message.content
     finally:
         engine.shutdown()
+
+
+def test_arrow_router_pools_arrow_scores_over_the_prompt(tok, adapters):
+    """The data-free router: |cos(x, v_i)| of Arrow's prototypes, averaged over the prompt's tokens
+    and the adapters' modules in the first blocks, written out here with transformers' hidden states."""
+    from deltatune.formats.peft import read_lora
+    from deltatune.route.arrow import top_right_singular_vector
+    from deltatune.serve.router import arrow_router
+
+    model = base().eval()
+    library = {a: read_lora(adapters[a]) for a in SKILLS}
+    router = arrow_router("skills", library, layer=1)
+    assert router.prototypes and all(".layers.0." in p for p in router.prototypes)
+    prompts = [ex.messages(with_answer=False) for t in SKILLS.values() for ex in examples(t, "test", 3)]
+    rows = [prompt_ids(tok, p) for p in prompts]
+    inputs = {}
+
+    def keep(path):
+        def hook(_module, args, _output):
+            inputs[path] = args[0]  # returns None: the output stays as it is
+
+        return hook
+
+    hooks = [model.get_submodule(p).register_forward_hook(keep(p)) for p in router.prototypes]
+    expected = []
+    for ids in rows:
+        inputs.clear()
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+        total = sum(
+            (
+                F.normalize(inputs[p][0], dim=-1)
+                @ torch.stack(
+                    [
+                        top_right_singular_vector(library[a].modules[p].a, library[a].modules[p].b)
+                        for a in SKILLS
+                    ]
+                ).T
+            )
+            .abs()
+            .mean(0)
+            for p in router.prototypes
+        )
+        expected.append(list(SKILLS)[int(total.argmax())])
+    for h in hooks:
+        h.remove()
+    assert router.route(model, rows, 0) == expected
+    engine = Engine(base(), tok, "base", adapters, autostart=False, router_layer=1)
+    try:
+        engine.add_router("free", list(SKILLS))  # no examples: Arrow's prototypes
+        done = engine.generate(rows, ["free"] * len(rows), SamplingParams(max_tokens=4))
+    finally:
+        engine.shutdown()
+    assert [r.adapter for r in done] == expected
+    assert all(r.error is None and r.router == "free" for r in done)
 
 
 def test_cli_router_without_examples_names_the_adapter(monkeypatch):

@@ -53,7 +53,10 @@ def serve(
         typer.Option(help="NAME=ADAPTER1,ADAPTER2,...: a served name that picks one adapter per request"),
     ] = [],  # noqa: B006
     router_examples: Annotated[
-        list[str], typer.Option(help="ADAPTER=FILE or ADAPTER=task:NAME: example prompts of its skill")
+        list[str],
+        typer.Option(
+            help="ADAPTER=FILE or ADAPTER=task:NAME: example prompts of its skill (none: Arrow's prototypes)"
+        ),
     ] = [],  # noqa: B006
     option: Annotated[
         list[str], typer.Option("--option", "-o", help="engine option key=value (listed below)")
@@ -71,11 +74,11 @@ def serve(
     for item in router:
         name, members = _pair(item, "--router", "NAME=ADAPTER1,ADAPTER2")
         missing = [a for a in members.split(",") if a not in examples]
-        if missing:
+        if missing and len(missing) < len(members.split(",")):  # none: Arrow's prototypes, no data
             fail(
                 f"--router {name}: adapter {missing[0]!r} needs example prompts: --router-examples {missing[0]}=FILE"
             )
-        routers[name] = {a: examples[a] for a in members.split(",")}
+        routers[name] = {a: examples.get(a) for a in members.split(",")}
     run(
         base,
         adapters,

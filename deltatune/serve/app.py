@@ -399,12 +399,13 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     allowed_adapter_dirs: Sequence[str | Path] = (),
-    routers: dict[str, dict[str, str]] | None = None,
+    routers: dict[str, dict[str, str | None]] | None = None,
     **engine_options,
 ) -> None:
     """Load the base model and adapters, then serve until interrupted (blocks).
 
-    `routers`: served name -> {adapter: its example prompts, as `task:NAME` or a data file}.
+    `routers`: served name -> {adapter: its example prompts, as `task:NAME` or a data file, or
+    None for all of them: then the router uses Arrow's prototypes (serve/router.py)}.
 
     The engine's scheduler runs on this (the main) thread and uvicorn on a second one: torch work
     then stays on one thread, which keeps OpenMP fast (see `Engine.run`)."""
@@ -415,7 +416,8 @@ def serve(
     engine = Engine.from_pretrained(base, adapters, autostart=False, **engine_options)
     for name, specs in (routers or {}).items():
         n = engine.options.router_examples
-        engine.add_router(name, {adapter: example_prompts(spec, n) for adapter, spec in specs.items()})
+        shots = {a: example_prompts(spec, n) for a, spec in specs.items() if spec is not None}
+        engine.add_router(name, list(specs), shots or None)
     app = create_app(engine, api_key=api_key, allowed_adapter_dirs=allowed_adapter_dirs)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     web = threading.Thread(target=server.run, name="deltatune-http", daemon=True)

@@ -48,10 +48,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from deltatune.data.tokenize import Prompt, left_pad, prompt_ids, stop_token_ids
+from deltatune.formats.peft import read_lora
 from deltatune.serve.kv import BatchKV, prefill_positions
 from deltatune.serve.lora_batch import RowAdapters
 from deltatune.serve.pool import AdapterPool, PoolBusyError, UnknownAdapterError, validate_adapter_name
-from deltatune.serve.router import RequestRouter, build_router, pooled_states
+from deltatune.serve.router import RequestRouter, arrow_router, build_router
 from deltatune.serve.sampling import SamplingParams, TextStream, choose_tokens, make_generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -232,25 +233,32 @@ class Engine:
             raise ValueError(f"adapter {name!r} is routed to by a router; remove the router first")
         self.pool.unregister(name)
 
-    def add_router(self, name: str, examples: dict[str, list[Prompt]]) -> RequestRouter:
-        """Serve `name` as a request-level router over the adapters keyed in `examples`
-        (each with a few example prompts of its skill; see serve/router.py)."""
+    def add_router(
+        self, name: str, adapters: list[str], examples: dict[str, list[Prompt]] | None = None
+    ) -> RequestRouter:
+        """Serve `name` as a request-level router over `adapters` (serve/router.py): a centroid
+        router when each adapter has a few example prompts of its skill, else Arrow's prototypes."""
         validate_adapter_name(name)
         if name == self.model_name or name in self.pool or name in self.routers:
             raise ValueError(f"a model named {name!r} is already served")
-        unknown = [a for a in examples if a not in self.pool]
+        unknown = [a for a in adapters if a not in self.pool]
         if unknown:
             raise UnknownAdapterError(unknown[0])
-        with self._base_rows():
-            router = build_router(self.model, self.tokenizer, name, examples, self.options.router_layer)
+        layer = self.options.router_layer
+        if examples is None:
+            router = arrow_router(name, {a: read_lora(self.pool.paths[a]) for a in adapters}, layer)
+        else:
+            with self._base_rows():
+                router = build_router(
+                    self.model, self.tokenizer, name, {a: examples[a] for a in adapters}, layer
+                )
         self.routers[name] = router
         return router
 
     def route(self, router: str, prompt: list[int]) -> str:
         """The adapter `router` picks for `prompt`."""
-        r = self.routers[router]
         with self._base_rows():
-            return r.choose(pooled_states(self.model, [prompt], self.pad_id, r.layer))[0]
+            return self.routers[router].route(self.model, [prompt], self.pad_id)[0]
 
     @contextlib.contextmanager
     def _base_rows(self):
