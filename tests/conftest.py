@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from deltatune.models import tiny_llama
+from deltatune.models import load_tokenizer, tiny_llama
 
 
 @pytest.fixture
@@ -30,3 +30,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random model whose logits can actually move: with the usual 0.02 init, frozen tied
+    embeddings cap the logit scale near 1, so no adapter could lower the loss much."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(seed=0, initializer_range=0.3).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path

@@ -18,7 +18,7 @@ from deltatune.cli import app
 from deltatune.deltas import delta_layers, named_delta_parameters
 from deltatune.deltas.base import RoutedMergeError, aux_loss
 from deltatune.formats import FormatError
-from deltatune.models import load_tokenizer, tiny_llama
+from deltatune.models import tiny_llama
 from deltatune.route.mixlora import (
     PROJECTIONS,
     MixLoraConfig,
@@ -26,30 +26,10 @@ from deltatune.route.mixlora import (
     experts_per_layer,
 )
 from deltatune.train.config import ConfigError, build_config
+from tests.test_train import FAST as TRAIN_FAST
 
 VOCAB = 1024
-FAST = dict(
-    method="mixlora",
-    task="addition",
-    train_samples=64,
-    eval_samples=0,
-    batch_size=2,
-    max_seq_len=128,
-    save_every=0,
-    precision="fp32",
-    warmup_steps=1,
-    lora_r=4,
-    learning_rate=1e-2,
-)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """As in test_train: a tiny random model whose logits can move (larger init range)."""
-    path = tmp_path_factory.mktemp("tiny_mixlora")
-    tiny_llama(seed=0, initializer_range=0.3).save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return path
+FAST = dict(TRAIN_FAST, method="mixlora")
 
 
 def tiny(seed=0, **kw):

@@ -35,16 +35,6 @@ FAST = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A tiny random model whose logits can actually move: with the usual 0.02 init, frozen tied
-    embeddings cap the logit scale near 1, so no adapter could lower the loss much."""
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_llama(seed=0, initializer_range=0.3).save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return path
-
-
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
