@@ -124,8 +124,11 @@ def routed_scores(scorer: bench.Scorer, tasks, adapters: dict[str, Path], router
     return scores, accuracy
 
 
-def serve_tokens_per_second(scorer: bench.Scorer, tasks, adapters: dict[str, Path], mode: str) -> float:
-    """Completion tokens/s of the batched engine on SERVE_ROWS mixed-task prompts (greedy, fixed length)."""
+def serve_tokens_per_second(
+    scorer: bench.Scorer, tasks, adapters: dict[str, Path], names: list[str], routers: dict | None = None
+) -> float:
+    """Completion tokens/s of the batched engine on SERVE_ROWS mixed-task prompts, row i asking for
+    model names[i] (greedy, every row exactly SERVE_TOKENS tokens: equal work in every setting)."""
     engine = Engine(
         copy.deepcopy(scorer.base_fp32),
         scorer.tokenizer,
@@ -135,26 +138,78 @@ def serve_tokens_per_second(scorer: bench.Scorer, tasks, adapters: dict[str, Pat
         max_batch=SERVE_ROWS,
     )
     try:
-        if mode == "router":
-            engine.add_router(
-                "skills", list(adapters), {t: example_prompts(f"task:{t}", ROUTER_EXAMPLES) for t in adapters}
-            )
+        for name, (members, examples_) in (routers or {}).items():
+            engine.add_router(name, members, examples_)
         per_task = [scorer.items[tasks[i % len(tasks)]] for i in range(SERVE_ROWS)]
         prompts = [items[(i // len(tasks)) % len(items)].prompt for i, items in enumerate(per_task)]
         ids = [engine.chat_prompt(p) for p in prompts]
-        names = {
-            "one": [next(iter(adapters))] * SERVE_ROWS,  # one adapter for every row
-            "mixed": [tasks[i % len(tasks)] for i in range(SERVE_ROWS)],  # each row names its task's adapter
-            "router": ["skills"] * SERVE_ROWS,  # the router picks
-        }[mode]
-        params = SamplingParams(max_tokens=SERVE_TOKENS, ignore_eos=True)  # equal work: every row 16 tokens
+        params = SamplingParams(max_tokens=SERVE_TOKENS, ignore_eos=True)
         engine.generate(ids[:2], names[:2], params)  # warm-up
         started = time.perf_counter()
         done = engine.generate(ids, names, params)
         seconds = time.perf_counter() - started
     finally:
         engine.shutdown()
+    assert all(r.error is None for r in done), [r.error for r in done if r.error]
     return sum(r.completion_tokens for r in done) / seconds
+
+
+def arrow_dir(scorer: bench.Scorer, trio: str, adapters: list[Path], k: int) -> Path:
+    """The Arrow delta over the trio's adapters, saved (self-contained) for serving."""
+    out = WORK / "arrow" / f"{trio}-top{k}"
+    if not (out / "adapter_config.json").is_file():
+        model = deltatune.add_delta(
+            copy.deepcopy(scorer.base_fp32), "arrow", arrow_adapters=[str(a) for a in adapters], arrow_top_k=k
+        )
+        deltatune.save_delta(model, bench.fresh_dir(out))
+    return out
+
+
+def measure_serving(
+    scorer: bench.Scorer, trio: str, tasks, adapters: dict[str, Path], union: Path, mix: Path
+) -> dict:
+    """Serving tokens/s of every composition the engine serves, one engine each, in one quiet run."""
+    bench.wait_for_quiet_cpu(f"{trio}: serving")
+    per_row = [tasks[i % len(tasks)] for i in range(SERVE_ROWS)]
+    shots = {t: example_prompts(f"task:{t}", ROUTER_EXAMPLES) for t in tasks}
+    arrow = arrow_dir(scorer, trio, [adapters[t] for t in tasks], 2)
+    runs = {
+        "one adapter": ({tasks[0]: adapters[tasks[0]]}, [tasks[0]] * SERVE_ROWS, None),
+        "three adapters, named per row": (adapters, per_row, None),
+        "three adapters, request router": (
+            adapters,
+            ["skills"] * SERVE_ROWS,
+            {"skills": (list(tasks), shots)},
+        ),
+        "three adapters, Arrow-pooled router": (
+            adapters,
+            ["skills"] * SERVE_ROWS,
+            {"skills": (list(tasks), None)},
+        ),
+        "Arrow top-2 (per token)": ({"arrow": arrow}, ["arrow"] * SERVE_ROWS, None),
+        "union LoRA": ({"union": union}, ["union"] * SERVE_ROWS, None),
+        "MixLoRA": ({"mixlora": mix}, ["mixlora"] * SERVE_ROWS, None),
+    }
+    serving = {k: serve_tokens_per_second(scorer, tasks, a, n, r) for k, (a, n, r) in runs.items()}
+    print(f"[{trio}] serving {serving}")
+    return serving
+
+
+SERVED_ROW = {  # composition row -> its serving measurement
+    "adapter ": "one adapter",
+    "request-level routing": "three adapters, request router",
+    "Arrow pooled": "three adapters, Arrow-pooled router",
+    "Arrow top-2": "Arrow top-2 (per token)",
+    "one LoRA": "union LoRA",
+    "MixLoRA": "MixLoRA",
+}
+
+
+def attach_serving(res: dict, serving: dict) -> None:
+    res["serving"] = serving
+    for r in res["rows"]:
+        key = next((v for k, v in SERVED_ROW.items() if r["composition"].startswith(k)), None)
+        r["served_tokens_per_second"] = serving.get(key)
 
 
 def row(name: str, scores: dict, own: dict, params: int | None, tps: float | None, **extra) -> dict:
@@ -253,29 +308,10 @@ def run_trio(scorer: bench.Scorer, trio: str, tasks, adapters: dict[str, Path], 
     )
     print(f"[{trio}] {rows[-1]}")
 
+    res = {"tasks": tasks, "own": own, "rows": rows}
     if not args.no_serve:
-        bench.wait_for_quiet_cpu(f"{trio}: serving")
-        serving = {
-            "one adapter": serve_tokens_per_second(scorer, tasks, own_adapters, "one"),
-            "three adapters, named per row": serve_tokens_per_second(scorer, tasks, own_adapters, "mixed"),
-            "three adapters, routed": serve_tokens_per_second(scorer, tasks, own_adapters, "router"),
-            "union LoRA": serve_tokens_per_second(scorer, tasks, {"union": lora_dir}, "one"),
-        }
-        print(f"[{trio}] serving {serving}")
-        for r in rows:
-            if r["composition"].startswith("adapter "):
-                r["served_tokens_per_second"] = serving["one adapter"]
-        next(r for r in rows if r["composition"] == "request-level routing")["served_tokens_per_second"] = (
-            serving["three adapters, routed"]
-        )
-        next(r for r in rows if r["composition"].startswith("one LoRA"))["served_tokens_per_second"] = (
-            serving["union LoRA"]
-        )
-        result_serving = serving
-    else:
-        result_serving = {}
-    training = {"lora": lora_summary, "mixlora": mix_summary}
-    return {"tasks": tasks, "own": own, "rows": rows, "training": training, "serving": result_serving}
+        attach_serving(res, measure_serving(scorer, trio, tasks, own_adapters, lora_dir, mix_dir))
+    return res | {"training": {"lora": lora_summary, "mixlora": mix_summary}}
 
 
 def pct(x: float | None) -> str:
@@ -320,9 +356,16 @@ def main() -> None:
     parser.add_argument("--eval-items", type=int, default=100, help="held-out prompts per task")
     parser.add_argument("--trios", default=",".join(TRIOS), help="which trios: format, compatible")
     parser.add_argument("--no-serve", action="store_true", help="skip the serving throughput runs")
+    parser.add_argument(
+        "--serve-only",
+        action="store_true",
+        help="re-measure serving from the cached adapters into compose.json",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     trios = {name: TRIOS[name] for name in args.trios.split(",")}
+    if args.serve_only:
+        return serve_only(args, trios)
     started = time.perf_counter()
     loads = [bench.wait_for_quiet_cpu("train singles")]
     tasks = sorted({t for trio in trios.values() for t in trio})
@@ -346,6 +389,23 @@ def main() -> None:
         bench.write_atomic(args.out / "compose.json", json.dumps(result, indent=2) + "\n")
     result["load"] = loads
     result["wall_seconds"] = time.perf_counter() - started
+    bench.write_atomic(args.out / "compose.json", json.dumps(result, indent=2) + "\n")
+    bench.write_atomic(args.out / "compose.md", markdown(result))
+    print(markdown(result))
+
+
+def serve_only(args, trios: dict) -> None:
+    """Serving for every trio from the cached adapters and runs, alone on the machine."""
+    result = json.loads((args.out / "compose.json").read_text())
+    tasks = sorted({t for trio in trios.values() for t in trio})
+    adapters = {t: bench.trained_adapter(t, args.steps)[0] for t in tasks}
+    scorer = bench.Scorer(tasks, args.eval_items)
+    for name, trio in trios.items():
+        union = trained_on_union("lora", trio, args.union_steps, {})[0]
+        mix = trained_on_union("mixlora", trio, args.union_steps, {"method": "mixlora", **MIXLORA})[0]
+        own = {t: adapters[t] for t in trio}
+        attach_serving(result["trios"][name], measure_serving(scorer, name, trio, own, union, mix))
+    result["settings"]["serving_command"] = " ".join(["python benchmarks/compose.py", *sys.argv[1:]])
     bench.write_atomic(args.out / "compose.json", json.dumps(result, indent=2) + "\n")
     bench.write_atomic(args.out / "compose.md", markdown(result))
     print(markdown(result))
