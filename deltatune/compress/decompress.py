@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from deltatune.atomic import new_directory
@@ -33,7 +32,7 @@ from deltatune.compress.container import (
     read_compressed,
 )
 from deltatune.deltas.base import PEFT_PREFIX
-from deltatune.deltas.lora import factors_from_svd
+from deltatune.deltas.lora import truncate_dense
 from deltatune.formats import MODEL_CONFIG, FormatError
 from deltatune.formats.dense import write_dense_delta
 from deltatune.formats.hf import SINGLE_NAME, ModelFiles, copy_side_files
@@ -70,8 +69,7 @@ def write_lora_svd(
     """A dense-layout LoRA back to PEFT LoRA factors of `rank` (scale 1), by SVD of each ΔW."""
     tensors, errors = {}, {}
     for name, entry, parts in decoded(config, stored, src):
-        u, s, vh = torch.linalg.svd(entry_dense(entry, parts).double(), full_matrices=False)
-        a, b, errors[name] = factors_from_svd(u, s, vh, rank)
+        a, b, errors[name] = truncate_dense(entry_dense(entry, parts), rank)
         module = name.removesuffix(".weight")
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(entry.torch_dtype)
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(entry.torch_dtype)

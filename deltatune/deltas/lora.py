@@ -80,6 +80,12 @@ def factors_from_svd(
     return a, b, error
 
 
+def truncate_dense(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of a dense delta; returns (A, B, relative Frobenius error)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return factors_from_svd(u, s, vh, rank)
+
+
 class LoraLinear(DeltaLayer):
     def __init__(
         self, base_layer: nn.Linear, r: int, scale: float, dropout: float = 0.0, init: str = "kaiming"

@@ -31,7 +31,7 @@ import torch
 
 from deltatune.atomic import new_directory
 from deltatune.deltas.base import PEFT_PREFIX
-from deltatune.deltas.lora import factors_from_svd
+from deltatune.deltas.lora import factors_from_svd, truncate_dense
 from deltatune.formats import ADAPTER_WEIGHTS, MODEL_CONFIG, FormatError, read_json
 from deltatune.formats.peft import LoraAdapter, LoraFactors, read_lora, write_adapter
 from deltatune.merge.config import MergeConfig, ParameterResolver
@@ -71,12 +71,6 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     return factors_from_svd(qb @ u, s, vh @ qa.T, rank)
-
-
-def truncate_dense(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Best rank-`rank` factors of a dense delta; returns (A, B, relative Frobenius error)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return factors_from_svd(u, s, vh, rank)
 
 
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
