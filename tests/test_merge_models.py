@@ -344,6 +344,18 @@ def test_mismatched_or_missing_tensors_name_the_tensor_and_model(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_models_of_different_depth_are_refused_in_either_order(zoo, tmp_path):
+    deeper = tmp_path / "deeper"
+    tiny_llama(seed=5, vocab_size=VOCAB, num_hidden_layers=3).save_pretrained(deeper)
+    config = tmp_path / "merge.yaml"
+    for first, second in ((zoo["ft1"], deeper), (deeper, zoo["ft1"])):
+        config.write_text(f"merge_method: linear\nmodels:\n  - model: {first}\n    parameters: {{weight: 1}}\n"
+                          f"  - model: {second}\n    parameters: {{weight: 1}}\n")  # fmt: skip
+        with pytest.raises(FormatError, match=r"tensor model\.layers\.2\.\S+ (of|is missing from) "):
+            run_merge(config, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
 def test_output_is_atomic(zoo, tmp_path):
     config = tmp_path / "merge.yaml"
     config.write_text(f"merge_method: linear\nmodels:\n  - model: {zoo['ft1']}\n    parameters: {{weight: 1}}\n"

@@ -1,7 +1,8 @@
 """The streaming merge: for each tensor name, read the inputs, apply the method, write the result.
 
 `run_merge(config, out_dir)` is what `deltatune merge CONFIG.yaml OUT_DIR` calls. It checks the
-config and the inputs (every base tensor present with the same shape in every model) before it
+config and the inputs (every input holds exactly the reference's tensor names and shapes: a
+deeper or shallower model is refused, naming the first missing or extra tensor) before it
 computes anything, then hands work to a thread pool, one transformer block (or one tensor outside
 the blocks) at a time, largest first so the pool drains evenly. A worker memory-maps the block's
 tensors in each input (one safe_open per file and block), computes each merged tensor with the
@@ -65,7 +66,7 @@ def _merge_models(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path, threads:
     models = [ModelFiles(p) for p in inputs.models]
     base = ModelFiles(inputs.base) if inputs.base is not None else None
     reference = base or models[0]
-    check_compatible(reference, models)
+    check_compatible(reference, [m for m in models if m is not reference], exact=True)
     num_layers = reference.num_layers() or 1 + max(
         (layer_index(n) for n in reference.tensors if layer_index(n) is not None), default=0
     )
