@@ -12,7 +12,7 @@ import torch
 from deltatune.formats import FormatError
 from deltatune.formats.peft import read_lora
 from deltatune.merge.executor import run_merge
-from deltatune.merge.methods import METHODS
+from deltatune.merge.registry import METHODS
 from deltatune.models import tiny_llama
 
 VOCAB = 256

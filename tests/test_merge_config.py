@@ -14,7 +14,7 @@ from deltatune.merge.config import (
     parse_size,
 )
 from deltatune.merge.executor import run_merge
-from deltatune.merge.methods import METHODS
+from deltatune.merge.registry import METHODS
 
 TIES = """\
 merge_method: ties
@@ -128,7 +128,8 @@ def test_missing_model_path_names_the_key_and_line(tmp_path: Path):
 
 def test_every_method_has_mergekit_parameter_names():
     names = {p.name for spec in METHODS.values() for p in spec.params}
-    assert names == {"weight", "density", "gamma", "normalize", "lambda", "rescale", "q", "filter_wise", "t"}
+    mergekit = {"weight", "density", "gamma", "normalize", "lambda", "rescale", "q", "filter_wise", "t"}
+    assert names == mergekit | {"common_space_fraction"}  # Iso-CTS, named as in fusion-bench
 
 
 def test_parse_size():

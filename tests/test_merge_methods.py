@@ -9,7 +9,6 @@ import torch
 
 from deltatune.merge import methods
 from deltatune.merge.methods import (
-    METHODS,
     breadcrumbs_keep_mask,
     flat_slicer,
     kth_smallest,
@@ -21,6 +20,7 @@ from deltatune.merge.methods import (
     task_arithmetic,
     ties,
 )
+from deltatune.merge.registry import METHODS
 
 T = torch.tensor
 

@@ -2,7 +2,7 @@
 
 A mergekit user's file for the supported methods runs unchanged:
 
-    merge_method: ties                      # any key of deltatune.merge.methods.METHODS
+    merge_method: ties                      # any key of deltatune.merge.registry.METHODS
     base_model: path/to/base                # required by the task-vector methods, model_stock, slerp
     models:
       - model: path/to/finetune_a
@@ -33,6 +33,7 @@ deltatune's own options, at the top level:
     seed: 0                                 # seeds DARE's per-tensor generators
     shard_size: 5GB                         # bytes per output shard (mergekit counts parameters)
     rank: 16                                # adapter merges only: SVD-truncate to this rank
+    knots: true                             # run a task-vector method in KnOTS space (spectral.py)
 
 Models are named as `deltatune.models.resolve` accepts (HF directory, `default`, .gguf, cached hub
 id); a directory with `adapter_config.json` makes the whole config an adapter merge.
@@ -43,14 +44,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from deltatune.merge.methods import ANY, METHODS, REQUIRED, MethodSpec, ParamSpec
+from deltatune.merge.registry import ANY, METHODS, REQUIRED, MethodSpec, ParamSpec
+from deltatune.merge.spectral import knots_space
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 MERGEKIT_ONLY = {
@@ -93,13 +95,17 @@ class MergeConfig(_Strict):
     seed: int = 0
     shard_size: int | str = "5GB"
     rank: int | None = None
+    knots: bool = False
 
     _text: str = PrivateAttr(default="")
     _source: str = PrivateAttr(default="<config>")
 
     @property
     def spec(self) -> MethodSpec:
-        return METHODS[self.merge_method]
+        spec = METHODS[self.merge_method]
+        if self.knots:  # whole 2-D tensors are aligned by one SVD: no chunked statistics
+            return replace(spec, fn=knots_space(spec.fn), statistics=None)
+        return spec
 
     def error(self, loc: Sequence[str | int], message: str) -> MergeConfigError:
         """A MergeConfigError for problems found after parsing (missing files, model counts)."""
@@ -321,6 +327,11 @@ def _check(chk: _Checker, cfg: MergeConfig) -> None:
         task_vector = ", ".join(n for n, s in METHODS.items() if s.task_vector)
         raise chk.fail(
             ["lines"], f"LiNeS scales task vectors; it applies to {task_vector}, not {cfg.merge_method}"
+        )
+    if cfg.knots and not spec.task_vector:
+        task_vector = ", ".join(n for n, s in METHODS.items() if s.task_vector)
+        raise chk.fail(
+            ["knots"], f"KnOTS aligns task vectors; it applies to {task_vector}, not {cfg.merge_method}"
         )
     if cfg.dare_rescale == "darex_q" and not spec.random:
         raise chk.fail(["dare_rescale"], "darex_q is a DARE rescale; use it with dare_linear or dare_ties")

@@ -14,7 +14,7 @@ where `sparsify` is identity (task arithmetic), magnitude top-k (TIES trim), ran
 (DARE) or outlier-and-small removal (Model Breadcrumbs), and `combine` is a plain sum or the TIES
 sign election with a disjoint (weighted) mean. `layer_scale` is LiNeS: it grows linearly with depth.
 
-The registry `METHODS` is keyed by mergekit's `merge_method` names, with mergekit's parameter names
+The registry `METHODS` (deltatune.merge.registry) is keyed by mergekit's `merge_method` names, with mergekit's parameter names
 and defaults, so a mergekit YAML resolves to the same numbers. Deliberate differences from mergekit:
 
 - DARE rescales the kept entries by 1/density, i.e. 1/(1-p) as in the DARE paper, which keeps every
@@ -38,16 +38,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import partial, reduce
+from functools import reduce
 from typing import Any
 
 import torch
 from torch import Tensor
-
-REQUIRED: Any = object()  # marker: a parameter without a default
-ANY: Any = object()  # marker: any value of an ignored parameter is fine
-
 
 # ---------------------------------------------------------------------------------------------------
 # Small helpers
@@ -452,112 +447,3 @@ def slerp(base: Tensor, tensors: Sequence[Tensor], *, t: float, dot_threshold: f
         theta = math.acos(dot)
         c0, c1 = math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
     return torch.add(v0.mul(c0), v1, alpha=c1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Registry
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter as written in a mergekit YAML: where it may appear and what it accepts."""
-
-    name: str
-    per_model: bool
-    kind: type  # float or bool
-    default: Any = REQUIRED
-    low: float | None = None  # inclusive bounds for floats
-    high: float | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
-
-    @property
-    def arg(self) -> str:
-        return "lam" if self.name == "lambda" else self.name
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    fn: Callable[..., Tensor]
-    params: tuple[ParamSpec, ...]
-    reference: str
-    needs_base: bool = True
-    min_models: int = 1  # inputs other than the base
-    max_models: int | None = None
-    task_vector: bool = False  # LiNeS applies; receives layer_scale
-    random: bool = False  # receives generator
-    # Whole-tensor statistics that make `fn` elementwise, so it can run chunk by chunk (None: it cannot)
-    statistics: Callable[..., dict[str, Any]] | None = None
-    # mergekit parameters accepted without effect: name -> the value that has no effect (ANY: all)
-    ignored: dict[str, Any] = field(default_factory=dict)
-
-    def param(self, name: str) -> ParamSpec | None:
-        return next((p for p in self.params if p.name == name), None)
-
-
-_WEIGHT = ParamSpec("weight", True, float)
-_LAMBDA = ParamSpec("lambda", False, float, 1.0)
-
-
-def _density(default: float = 1.0) -> ParamSpec:
-    return ParamSpec("density", True, float, default, 0.0, 1.0)
-
-
-def _normalize(default: bool) -> ParamSpec:
-    return ParamSpec("normalize", False, bool, default)
-
-
-# int8_mask only changes the dtype of mergekit's sign mask; rescale=false is the default there.
-_INT8_MASK = {"int8_mask": ANY}
-_NO_EFFECT = {"int8_mask": ANY, "rescale": False}
-_DARE_PARAMS = (
-    _WEIGHT,
-    _density(),
-    _normalize(False),
-    _LAMBDA,
-    ParamSpec("rescale", False, bool, True),
-    ParamSpec("q", True, float, None, 1e-6, 1.0),
-)
-_BREADCRUMBS_PARAMS = (
-    _WEIGHT,
-    _density(),
-    ParamSpec("gamma", True, float, 0.01, 0.0, 1.0),
-    _normalize(False),
-    _LAMBDA,
-)
-
-METHODS: dict[str, MethodSpec] = {
-    "linear": MethodSpec(
-        linear, (_WEIGHT, _normalize(True)), "arXiv:2203.05482", needs_base=False, statistics=no_statistics
-    ),
-    "task_arithmetic": MethodSpec(
-        task_arithmetic, (_WEIGHT, _normalize(False), _LAMBDA), "arXiv:2212.04089", task_vector=True,
-        ignored=_NO_EFFECT, statistics=no_statistics,
-    ),
-    "ties": MethodSpec(
-        ties, (_WEIGHT, _density(), _normalize(True), _LAMBDA), "arXiv:2306.01708", task_vector=True,
-        ignored=_NO_EFFECT, statistics=ties_statistics,
-    ),
-    "dare_linear": MethodSpec(
-        partial(dare, consensus=False), _DARE_PARAMS, "arXiv:2311.03099", task_vector=True, random=True,
-        ignored=_INT8_MASK, statistics=dare_statistics,
-    ),
-    "dare_ties": MethodSpec(
-        partial(dare, consensus=True), _DARE_PARAMS, "arXiv:2311.03099", task_vector=True, random=True,
-        ignored=_INT8_MASK, statistics=dare_statistics,
-    ),
-    "breadcrumbs": MethodSpec(
-        partial(breadcrumbs, consensus=False), _BREADCRUMBS_PARAMS, "arXiv:2312.06795", task_vector=True,
-        ignored=_NO_EFFECT, statistics=breadcrumbs_statistics,
-    ),
-    "breadcrumbs_ties": MethodSpec(
-        partial(breadcrumbs, consensus=True), _BREADCRUMBS_PARAMS, "arXiv:2312.06795", task_vector=True,
-        ignored=_NO_EFFECT, statistics=breadcrumbs_statistics,
-    ),
-    "model_stock": MethodSpec(
-        model_stock, (ParamSpec("filter_wise", False, bool, False),), "arXiv:2403.19522", min_models=2
-    ),
-    "slerp": MethodSpec(slerp, (ParamSpec("t", False, float),), "Shoemake 1985", min_models=1, max_models=1),
-}  # fmt: skip
