@@ -1,13 +1,15 @@
 """The `deltatune` command: parse, validate, call the library. No logic lives here.
 
 One module per feature (train, infer, deltas, serve); each registers its verbs with `command`, which
-turns the expected failures of `expected_errors()` (bad config, data, file or option, missing model)
-into one line on stderr and exit code 2 via `fail`, without a traceback. Nothing here imports torch,
+turns the expected failures of `expected_errors()` (bad config, data, file or option, missing model,
+a path that cannot be read or written, a full or read-only disk) into one line on stderr and exit
+code 2 via `fail`, without a traceback. Nothing here imports torch,
 so `deltatune --help` stays fast: verbs import the library when they run.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
