@@ -34,6 +34,7 @@ deltatune's own options, at the top level:
     shard_size: 5GB                         # bytes per output shard (mergekit counts parameters)
     rank: 16                                # adapter merges only: SVD-truncate to this rank
     knots: true                             # run a task-vector method in KnOTS space (spectral.py)
+    adamerging: {prompts: [task:addition]}  # merge_method adamerging: learned λ (adamerging.py)
 
 Models are named as `deltatune.models.resolve` accepts (HF directory, `default`, .gguf, cached hub
 id); a directory with `adapter_config.json` makes the whole config an adapter merge.
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from deltatune.merge.registry import ANY, METHODS, REQUIRED, MethodSpec, ParamSpec
 from deltatune.merge.spectral import knots_space
@@ -82,6 +83,18 @@ class LinesOptions(_Strict):
     beta: float
 
 
+class AdaMergingOptions(_Strict):
+    """Settings of merge_method: adamerging (deltatune.merge.adamerging)."""
+
+    prompts: list[str] = Field(min_length=1)  # task:NAME or a data file, each
+    prompts_per_source: int = Field(64, ge=1)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(0.01, gt=0)
+    init: float = Field(0.3, ge=0, le=1)  # the paper's initial λ
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
 class MergeConfig(_Strict):
     merge_method: str
     models: list[InputModel]
@@ -96,6 +109,7 @@ class MergeConfig(_Strict):
     shard_size: int | str = "5GB"
     rank: int | None = None
     knots: bool = False
+    adamerging: AdaMergingOptions | None = None
 
     _text: str = PrivateAttr(default="")
     _source: str = PrivateAttr(default="<config>")
@@ -328,6 +342,11 @@ def _check(chk: _Checker, cfg: MergeConfig) -> None:
         raise chk.fail(
             ["lines"], f"LiNeS scales task vectors; it applies to {task_vector}, not {cfg.merge_method}"
         )
+    if (cfg.adamerging is None) == (cfg.merge_method == "adamerging"):
+        loc = ["merge_method"] if cfg.adamerging is None else ["adamerging"]
+        raise chk.fail(
+            loc, "merge_method adamerging and the 'adamerging:' block (prompts, steps, ...) go together"
+        )
     if cfg.knots and not spec.task_vector:
         task_vector = ", ".join(n for n, s in METHODS.items() if s.task_vector)
         raise chk.fail(
@@ -362,7 +381,8 @@ def _pydantic_problem(chk: _Checker, err: ValidationError) -> MergeConfigError:
         key = loc[-1]
         if len(loc) == 1 and key in MERGEKIT_ONLY:
             return chk.fail(loc, MERGEKIT_ONLY[key])
-        parent = MergeConfig if len(loc) == 1 else {"models": InputModel, "lines": LinesOptions}[loc[0]]
+        parents = {"models": InputModel, "lines": LinesOptions, "adamerging": AdaMergingOptions}
+        parent = MergeConfig if len(loc) == 1 else parents[loc[0]]
         return chk.fail(loc, f"unknown key '{key}'; allowed here: {', '.join(parent.model_fields)}")
     if first["type"] == "missing":
         return chk.fail(loc[:-1], f"missing required key '{loc[-1]}'")

@@ -173,9 +173,17 @@ def default_threads() -> int:
 
 def run_merge(config_path: Path, out_dir: Path, *, threads: int | None = None) -> MergeReport:
     """Merge the models (or PEFT adapters) named in a mergekit-style YAML into `out_dir`."""
-    cfg = load_config(config_path)
+    return merge_from_config(load_config(config_path), Path(out_dir), threads)
+
+
+def merge_from_config(cfg: MergeConfig, out_dir: Path, threads: int | None = None) -> MergeReport:
+    """The merge a parsed config describes: learned, in adapter space, or tensor by tensor."""
     inputs = resolve_inputs(cfg)
     threads = threads or default_threads()
+    if cfg.spec.learned:
+        from deltatune.merge.adamerging import run_adamerging
+
+        return run_adamerging(cfg, inputs, Path(out_dir), threads)
     if inputs.adapters:
         from deltatune.merge.adapters import merge_adapters
 

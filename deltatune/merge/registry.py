@@ -64,6 +64,7 @@ class MethodSpec:
     min_models: int = 1  # inputs other than the base
     max_models: int | None = None
     task_vector: bool = False  # LiNeS applies; receives layer_scale
+    learned: bool = False  # coefficients learned on prompts first (adamerging), then `fn` merges
     random: bool = False  # receives generator
     # Whole-tensor statistics that make `fn` elementwise, so it can run chunk by chunk (None: it cannot)
     statistics: Callable[..., dict[str, Any]] | None = None
@@ -142,5 +143,6 @@ METHODS: dict[str, MethodSpec] = {
         spectral.iso_cts, (_LAMBDA, ParamSpec("common_space_fraction", False, float, 0.8, 0.0, 1.0)),
         "arXiv:2502.04959",
     ),
+    "adamerging": MethodSpec(task_arithmetic, (), "arXiv:2310.02575", learned=True),
     "slerp": MethodSpec(slerp, (ParamSpec("t", False, float),), "Shoemake 1985", min_models=1, max_models=1),
 }  # fmt: skip
