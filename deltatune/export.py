@@ -8,6 +8,11 @@ Deltas that change biases (BitFit, SSF) can give a bias to a linear layer the ar
 declares bias-free; transformers would silently drop it on reload. Llama-style configs have
 `attention_bias` / `mlp_bias` switches: we turn the switch on and give the sibling layers zero
 biases. Where no switch exists, export refuses rather than write a model that loads differently.
+
+Over a quantized base (`quantize="nf4"` / `"int8"`, what the adapter was trained over) the base is
+quantized exactly as training quantized it, dequantized to fp32, and the delta merged into those
+weights in fp32, never into the codes. `export_gguf` writes the merged model as one GGUF file for
+llama.cpp (formats/gguf.py), checking the type and the architecture before loading anything.
 """
 
 from __future__ import annotations
@@ -21,17 +26,55 @@ from torch import nn
 from deltatune import load
 from deltatune.atomic import atomic_directory
 from deltatune.deltas import merge_into_base
-from deltatune.models import load_model, load_tokenizer
+from deltatune.formats import MODEL_CONFIG, delta_kind, read_json
+from deltatune.formats.gguf import check_architecture, check_gguf_type, read_tokenizer_pre, write_gguf
+from deltatune.formats.peft import read_adapter
+from deltatune.models import load_model, load_tokenizer, resolve, source_gguf
+from deltatune.quant import check_method, dequantize_model
 
 
-def export_merged(base: str, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output directory")
-    model = load(load_model(base, dtype=torch.float32), adapter)  # any delta kind deltatune writes
+def merged_model(base: str, adapter: str | os.PathLike | None, quantize: str = "none") -> nn.Module:
+    """The base with the delta folded in, in fp32 (see the module docstring for a quantized base)."""
+    peft_adapter = read_adapter(adapter) if adapter is not None and delta_kind(adapter) == "adapter" else None
+    check_method(peft_adapter.method.name if peft_adapter else None, quantize)
+    model = dequantize_model(load_model(base, dtype=torch.float32, quantize=quantize))
+    if adapter is not None:
+        model = load(model, adapter)  # any delta kind deltatune writes
     if hasattr(model, "delta_method"):  # an attached delta; dense and compressed ones are added already
         merge_into_base(model)
     declare_new_biases(model)
+    return model
+
+
+def export_gguf(
+    base: str,
+    adapter: str | os.PathLike | None,
+    out: str | os.PathLike,
+    gguf_type: str = "f16",
+    quantize: str = "none",
+) -> Path:
+    """Merge (when an adapter is given) and write one GGUF file at `out` (a path ending in .gguf)."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise ValueError(f"--format gguf writes one file: {out} must end in .gguf")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output file")
+    check_gguf_type(gguf_type)
+    config = read_json(resolve(base) / MODEL_CONFIG)
+    check_architecture(config.get("model_type"), f"base model {base}")
+    model = merged_model(base, adapter, quantize)
+    source = source_gguf(base)
+    pre = read_tokenizer_pre(source) if source is not None else None
+    return write_gguf(model, load_tokenizer(base), out, gguf_type, tokenizer_pre=pre)
+
+
+def export_merged(
+    base: str, adapter: str | os.PathLike, out: str | os.PathLike, quantize: str = "none"
+) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output directory")
+    model = merged_model(base, adapter, quantize)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(base).save_pretrained(tmp)

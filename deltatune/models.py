@@ -8,7 +8,8 @@ A base model is named by one string:
     /path/to/file.gguf      any local GGUF file (dequantized on load)
     org/name                a hub id, only if it is already in the local HF cache
 
-Nothing here touches the network: an uncached hub id is a clear error, not a timeout.
+Nothing here touches the network: an uncached hub id is a clear error, not a timeout. A model file
+that exists but cannot be read is a PermissionError naming it (safetensors would call it missing).
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def _readable(directory: Path) -> Path:
+    """`directory`, after opening each of its files once: an unreadable one raises PermissionError
+    naming it, where transformers and safetensors would report "No such file or directory"."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file():
+                open(entry.path, "rb").close()  # noqa: SIM115 - only the permission check matters
+    return directory
+
+
 def resolve(name: str | os.PathLike | None = None) -> Path:
     """Turn a model name into a local HF directory, converting GGUF files on first use."""
     name = DEFAULT_MODEL if name is None else str(name)
@@ -82,9 +93,11 @@ def resolve(name: str | os.PathLike | None = None) -> Path:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
+        open(path, "rb").close()  # noqa: SIM115 - unreadable: PermissionError naming it
         target = cache_root() / "models" / (path.stem + f"-{path.stat().st_size}")
         return target if (target / MODEL_CONFIG).is_file() else _convert_gguf(path, target)
     if path.is_dir():
+        _readable(path)
         if not (path / MODEL_CONFIG).is_file():
             raise ModelNotFoundError(f"{path} is not a HF model directory (no config.json)")
         return path
@@ -103,6 +116,14 @@ def resolve(name: str | os.PathLike | None = None) -> Path:
         ) from err
 
 
+def source_gguf(name: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF file a model name is converted from ('default' or a .gguf path), else None."""
+    name = DEFAULT_MODEL if name is None else str(name)
+    if name == DEFAULT_MODEL:
+        return _default_gguf()
+    return Path(name).expanduser() if name.endswith(".gguf") else None
+
+
 def load_tokenizer(name: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(resolve(name))
     if tok.pad_token_id is None:
@@ -114,10 +135,20 @@ def load_model(
     name: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    quantize: str = "none",
 ) -> PreTrainedModel:
-    """Load a causal LM for training or inference; weights come from safetensors only."""
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, use_safetensors=True)
-    return model.to(device)
+    """Load a causal LM for training or inference; weights come from safetensors only.
+
+    `quantize` ("nf4", "int8") stores the linear weights quantized (deltatune/quant/). They are
+    quantized from fp32 whatever `dtype` is, so the codes do not depend on the training precision;
+    `dtype` then applies to the rest (embeddings, norms)."""
+    if quantize == "none":
+        model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=dtype, use_safetensors=True)
+        return model.to(device)
+    from deltatune.quant import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(name), dtype=torch.float32, use_safetensors=True)
+    return quantize_model(model, quantize).to(device=device, dtype=dtype)
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 49152, **overrides) -> PreTrainedModel:

@@ -179,6 +179,8 @@ class Method:
     servable: ClassVar[bool] = False  # whether the multi-adapter server runs adapters this method reads
     served_per_row: ClassVar[bool] = False  # served by recomputing its modules on its rows (routed deltas)
     trainable: ClassVar[bool] = True  # False: it has no parameters (Arrow routes adapters trained elsewhere)
+    # why the method needs the dense base weight ("": it does not, so it runs over a quantized base, quant/)
+    dense_base: ClassVar[str] = ""
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         return match_linear_modules(model, getattr(cfg, "target_modules", "all-linear"))

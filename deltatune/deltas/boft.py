@@ -113,6 +113,7 @@ class Boft(Method):
     config_class = BoftConfig
     family = "weight"
     peft_type = "BOFT"
+    dense_base = "its forward multiplies the base weight by the butterfly rotation"
 
     def wrap(self, module: nn.Module, cfg: BoftConfig, path: str) -> DeltaLayer:
         linear = require_linear(module, self.name, path)

@@ -81,5 +81,6 @@ class DoraLinear(LoraLinear):
 class Dora(Lora):
     name = "dora"
     servable = False
+    dense_base = "its forward normalises the columns of W + ΔW (the magnitude vector)"
     layer_class: ClassVar[type[LoraLinear]] = DoraLinear
     use_dora: ClassVar[bool] = True

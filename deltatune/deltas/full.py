@@ -117,6 +117,7 @@ class Full(Method):
     name = "full"
     config_class = FullConfig
     family = "weight"
+    dense_base = "it trains the base weights themselves"
 
     def targets(self, model: nn.Module, cfg: DeltaConfig) -> list[str]:
         return parameter_modules(model)

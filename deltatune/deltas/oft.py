@@ -149,6 +149,7 @@ class Oft(Method):
     config_class = OftConfig
     family = "weight"
     peft_type = "OFT"
+    dense_base = "its forward multiplies the base weight by the rotation"
 
     def wrap(self, module: nn.Module, cfg: OftConfig, path: str) -> DeltaLayer:
         linear = require_linear(module, self.name, path)

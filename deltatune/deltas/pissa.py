@@ -114,6 +114,7 @@ class Pissa(Method):
     family = "weight"
     peft_type = "LORA"
     lora_plus_params = (".lora_B.",)
+    dense_base = "its initial factors are a decomposition of the base weight"
     factors: ClassVar[Factors] = staticmethod(pissa_factors)
 
     def wrap(self, module: nn.Module, cfg: PissaConfig, path: str) -> DeltaLayer:

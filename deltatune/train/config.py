@@ -49,6 +49,9 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, slower")
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none", description="store the frozen base's linear weights as nf4 or int8 (QLoRA-style)"
+    )
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the LM head and loss")
     seed: int = Field(0, description="seed for data, initialisation and dropout")
     # bookkeeping
@@ -64,6 +67,7 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _check_method(self) -> TrainConfig:
         require_trainable(self.method)
+        require_quantizable(self.method, self.quantize)
         if self.data is None and self.task is None:
             self.task = "reversal"
         return self
@@ -82,6 +86,16 @@ def require_trainable(method_name: str, source: str = "") -> None:
             f"{source}config key 'method': {method_name!r} has nothing to train (it routes existing "
             "adapters); build it with `deltatune route` or add_delta instead"
         )
+
+
+def require_quantizable(method_name: str, quantize: str, source: str = "") -> None:
+    """Refuse `quantize` with a method that needs the dense base weight (Method.dense_base)."""
+    from deltatune.quant import check_method
+
+    try:
+        check_method(method_name, quantize)
+    except ValueError as err:
+        raise ConfigError(f"{source}config key 'quantize': {str(err).removeprefix('quantize: ')}") from None
 
 
 def _method_keys() -> set[str]:
@@ -105,6 +119,8 @@ def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
             f"{source}config key 'method': unknown method {method_name!r}; valid: {', '.join(METHODS)}"
         )
     require_trainable(method_name, source)
+    if isinstance(values.get("quantize"), str):
+        require_quantizable(method_name, values["quantize"], source)
     method_fields = get_method(method_name).config_class.model_fields
     core = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
     method_args = {k: v for k, v in values.items() if k in method_fields}

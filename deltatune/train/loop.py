@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from deltatune import attention
+from deltatune import attention, quant
 from deltatune.deltas import add_delta, delta_report, named_delta_parameters
 from deltatune.deltas.base import aux_loss
 from deltatune.formats import write_json
@@ -246,7 +246,9 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, items = build_data(cfg, tokenizer)  # bad data fails before anything is written
-    model = load_model(cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device)
+    model = load_model(
+        cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device, quantize=cfg.quantize
+    )
     attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
     if is_main:
         resume.prepare_output(out, cfg.resume)
@@ -263,7 +265,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
     )
 
-    base_params = sum(p.numel() for p in model.parameters())
+    base_params = quant.parameter_count(model)  # a quantized weight counts as the dense one it stands for
+    base_bytes = quant.base_weight_bytes(model)
     add_delta(model, cfg.method, cfg.delta_config())
     for p in named_delta_parameters(model).values():
         p.data = p.data.float()  # trainable weights stay fp32 even on a bf16 base
@@ -403,6 +406,9 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "eval_loss": final_eval_loss,
             "eval": {name: {"before": before.get(name), "after": after[name]} for name in after},
             "precision": "bf16" if use_bf16 else "fp32",
+            "quantize": cfg.quantize,
+            "base_weight_bytes": base_bytes["total"],
+            "base_linear_weight_bytes": base_bytes["linear"],
             "world_size": world,
             "packing": vars(train_rows.stats) | {"efficiency": train_rows.stats.efficiency},
             "output": str(out),
