@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from deltatune import load
-from deltatune.atomic import atomic_directory
+from deltatune.atomic import atomic_directory, check_writable
 from deltatune.deltas import merge_into_base
 from deltatune.formats import MODEL_CONFIG, delta_kind, read_json
 from deltatune.formats.gguf import check_architecture, check_gguf_type, read_tokenizer_pre, write_gguf
@@ -59,6 +59,7 @@ def export_gguf(
         raise ValueError(f"--format gguf writes one file: {out} must end in .gguf")
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output file")
+    check_writable(out.parent, out)  # before the model is loaded
     check_gguf_type(gguf_type)
     config = read_json(resolve(base) / MODEL_CONFIG)
     check_architecture(config.get("model_type"), f"base model {base}")
@@ -74,6 +75,7 @@ def export_merged(
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output directory")
+    check_writable(out.parent, out)  # before the model is loaded
     model = merged_model(base, adapter, quantize)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)

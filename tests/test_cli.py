@@ -33,7 +33,7 @@ def _assert_listed(lines: list[str], fields: dict, flags: bool = True) -> None:
         if isinstance(annotation, type):
             assert f"<{annotation.__name__}>" in line, line
         for choice in typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ():
-            assert choice in line, line
+            assert (json.dumps(choice) if isinstance(choice, bool) else choice) in line, line
         default = field.get_default(call_default_factory=True)
         if default is not None:
             shown = json.dumps(default) if isinstance(default, bool | list | dict) else default

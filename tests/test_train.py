@@ -201,12 +201,11 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir):
         schedule="constant",
         output=str(tmp_path / "r"),
     )
-    with pytest.raises(TrainingDiverged, match="loss became"):
+    # step 1 leaves lora_B near 1e30 (finite) and step 2's loss is NaN: step 1 was never good, so its
+    # checkpoint, written only once step 2 proves it, is not kept (tests/test_reliability_train.py)
+    with pytest.raises(TrainingDiverged, match="loss became nan .* at step 2; .* no checkpoint was kept"):
         deltatune.train(cfg)
-    ckpts = sorted((tmp_path / "r" / "checkpoints").glob("step-*"))
-    assert ckpts, "at least one good step was checkpointed before divergence"
-    weights = load_file(ckpts[-1] / "adapter_model.safetensors")
-    assert all(t.isfinite().all() for t in weights.values())
+    assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
     assert not (tmp_path / "r" / "summary.json").exists()
 
 

@@ -30,12 +30,25 @@ app = typer.Typer(
 
 
 def fail(err: Exception | str) -> NoReturn:
-    typer.secho(f"error: {err}", fg="red", err=True)
+    typer.secho(f"error: {describe(err) if isinstance(err, Exception) else err}", fg="red", err=True)
     raise typer.Exit(2)
+
+
+def describe(err: Exception) -> str:
+    """An OS error as "permission denied: PATH" (no errno prefix, no quotes); others as they say."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        also = f" -> {err.filename2}" if err.filename2 is not None else ""
+        return f"{err.strerror.lower()}: {err.filename}{also}"
+    return str(err)
+
+
+# OSErrors that are the machine's state, not a bug: reported like expected errors
+ENVIRONMENT_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def expected_errors() -> tuple[type[Exception], ...]:
     """What a verb reports as one line (exit 2) instead of a traceback; imported only on failure."""
+    from deltatune.atomic import OutputPathError
     from deltatune.data import DataError
     from deltatune.formats import FormatError
     from deltatune.merge.config import MergeConfigError
@@ -44,7 +57,8 @@ def expected_errors() -> tuple[type[Exception], ...]:
     from deltatune.train.loop import TrainingDiverged
 
     library = ConfigError, DataError, FormatError, MergeConfigError, ModelNotFoundError, TrainingDiverged
-    return (*library, ValueError, FileNotFoundError, FileExistsError)
+    paths = FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError
+    return (*library, OutputPathError, ValueError, *paths)
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
@@ -56,6 +70,10 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable], Callable]:
             try:
                 return verb(*a, **kw)
             except expected_errors() as err:
+                fail(err)
+            except OSError as err:
+                if err.errno not in ENVIRONMENT_ERRNOS:
+                    raise
                 fail(err)
 
         return app.command(*args, **kwargs)(run)
@@ -79,7 +97,7 @@ def key_values(items: list[str], what: str) -> dict[str, object]:
 def _type_name(tp: object) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is typing.Literal:
-        return "|".join(map(str, args))
+        return "|".join(json.dumps(a) if isinstance(a, bool) else str(a) for a in args)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return "|".join(map(_type_name, args))
     return tp.__name__ if isinstance(tp, type) else str(tp)
@@ -116,7 +134,7 @@ def with_keys_help(extra: Callable[[list[str]], str]) -> type[TyperCommand]:
     return Command
 
 
-from deltatune.cli import train, infer, deltas, route, serve  # noqa: E402, F401, I001  (registration order = help order)
+from deltatune.cli import train, infer, deltas, inspect, route, serve  # noqa: E402, F401, I001  (registration order = help order)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""Working on deltas after training: merge, compress, decompress, extract."""
+"""Working on deltas after training: merge, compress, decompress, extract.
+
+Each verb checks that its output can be written before it loads anything (`_writable`), so a
+read-only or misplaced OUT costs one line, not a merge's worth of work and then a traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,12 @@ import typer
 from deltatune.cli import command, key_values
 
 
+def _writable(out: Path) -> None:
+    from deltatune.atomic import check_writable
+
+    check_writable(out.parent, out)
+
+
 @command()
 def merge(
     config: Annotated[Path, typer.Argument(help="mergekit-style YAML")],
@@ -19,6 +29,7 @@ def merge(
     """Merge full models or LoRA adapters (linear, task_arithmetic, ties, dare_*, breadcrumbs, model_stock, slerp)."""
     from deltatune.merge.executor import run_merge
 
+    _writable(out_dir)
     report = run_merge(config, out_dir, threads=threads)
     typer.echo(
         f"{report.method}: merged {report.tensors} tensors ({report.bytes_written / 2**20:.1f} MiB) "
@@ -46,6 +57,7 @@ def compress(
     from deltatune.compress import format_report
     from deltatune.formats import ADAPTER_CONFIG
 
+    _writable(out)
     is_adapter = (src / ADAPTER_CONFIG).is_file()
     source = src if is_adapter or base is None else (base, src)
     params = key_values(param, "--param")
@@ -75,6 +87,7 @@ def decompress(
     from deltatune.compress import decompress as run
     from deltatune.formats import ADAPTER_CONFIG, read_json
 
+    _writable(out)
     path = run(src, out, base=base, rank=rank, overwrite=overwrite)
     typer.echo(f"wrote {path}")
     if rank is not None:
@@ -94,5 +107,6 @@ def extract(
     """Turn a full fine-tune into a PEFT LoRA by (randomized) SVD; prints captured energy per module."""
     from deltatune.compress import extract_lora, format_report
 
+    _writable(out)
     report = extract_lora(base, finetuned, out, rank, overwrite=overwrite)
     typer.echo(format_report(report))

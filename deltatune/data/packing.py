@@ -4,7 +4,9 @@ Short chat samples (~60-100 tokens) padded to a common length waste most of a ba
 several whole samples into each row of `max_len` tokens removes that waste. Samples are placed by
 best-fit-decreasing bin packing (longest first, each into the row whose free space fits it most
 tightly), which needs at most 11/9 of the optimal row count (plus one) and is deterministic. A sample is never
-split across rows; one longer than `max_len` keeps its first `max_len` tokens.
+split across rows; one longer than `max_len` keeps its first `max_len` tokens. A sample that keeps
+no target token that way (a long prompt cut before its answer) is dropped and counted: trained on,
+it would add only zero loss, and a batch of nothing else would have no gradient at all.
 
 Isolation comes from the position ids, which restart at 0 at every sample (and at the padding that
 fills the end of a row). Given position ids and no attention mask, transformers >= 5 builds a
@@ -43,6 +45,7 @@ class PackStats:
     padding_tokens: int
     truncated_samples: int
     truncated_tokens: int  # tokens cut off the end of over-long samples
+    dropped_samples: int = 0  # samples left out: truncation cut off every target token
 
     @property
     def efficiency(self) -> float:
@@ -95,6 +98,8 @@ def pack(samples: list[Sample], max_len: int, pad_id: int) -> PackedRows:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if any(not s.input_ids for s in samples):
         raise ValueError("cannot pack an empty sample")
+    kept = [s for s in samples if any(t != IGNORE_INDEX for t in s.labels[1:max_len])]
+    dropped, samples = len(samples) - len(kept), kept
     lengths = [min(len(s.input_ids), max_len) for s in samples]
     truncated = [len(s.input_ids) - n for s, n in zip(samples, lengths, strict=True)]
     bins = best_fit_decreasing(lengths, max_len)
@@ -122,5 +127,6 @@ def pack(samples: list[Sample], max_len: int, pad_id: int) -> PackedRows:
         padding_tokens=len(bins) * max_len - tokens,
         truncated_samples=sum(t > 0 for t in truncated),
         truncated_tokens=sum(truncated),
+        dropped_samples=dropped,
     )
     return PackedRows(input_ids, labels, position_ids, stats)

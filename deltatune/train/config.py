@@ -59,7 +59,11 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(0, ge=0, description="eval loss every N steps (0: only at the end)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run directory")
-    resume: bool = Field(False, description="continue from the latest checkpoint in output")
+    resume: Literal[False, True, "auto"] = Field(
+        False,
+        description="true: continue the run in output from its latest checkpoint; auto: that, or start "
+        "fresh when it has none",
+    )
     eval_max_new_tokens: int = Field(24, ge=1, description="greedy tokens per answer for exact match")
     # method-specific keys, validated against the method's own config class
     method_args: dict[str, Any] = Field(default_factory=dict, exclude=True)

@@ -15,6 +15,13 @@ Choices that matter for speed and memory (see README for measurements):
 Gradient accumulation normalises by the real number of target tokens in the whole optimizer step
 (summed over micro-batches and DDP ranks), so the result does not depend on how the step is split.
 That is also what makes DDP training equal single-process training at the same global batch.
+
+Nothing is written into the run directory before every check has passed (`resume.plan`, the data,
+the model, the checkpoint). A checkpoint is "good" only once its state has proved itself: the
+parameters and AdamW moments are checked finite after every optimizer step, and a checkpoint written
+at step s stays "unconfirmed" until the forward and backward of step s+1 with its weights gave a
+finite loss and gradient norm (resume.confirm / resume.discard). Finite but exploded weights (a huge
+learning rate puts lora_B near 1e30 in one step) are thus never kept as the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +53,33 @@ from deltatune.train.config import TrainConfig, build_config
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is kept."""
+    """The loss, gradient, parameters or optimizer state became NaN/inf; good checkpoints are kept."""
+
+
+def _diverged(what: str, step: int, out: Path) -> TrainingDiverged:
+    good = resume.latest(out)
+    kept = (
+        f"the last good checkpoint is {good} (its adapter loads with --adapter)"
+        if good is not None
+        else "no checkpoint was kept: none had passed a finite step"
+    )
+    return TrainingDiverged(f"{what} at step {step}; stopping. {kept}. Lower --learning-rate in a new run")
+
+
+def nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """The first trainable parameter or optimizer moment holding NaN/inf (by name), else None."""
+    named = [(n, p) for n, p in named_delta_parameters(model).items() if p.requires_grad]
+    tensors = [(n, p) for n, p in named]
+    for n, p in named:
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                tensors.append((f"{n} (optimizer {key})", value))
+    if not tensors:
+        return None
+    finite = torch.stack([t.detach().isfinite().all() for _, t in tensors])
+    if bool(finite.all()):  # one device sync for all of them
+        return None
+    return tensors[int((~finite).nonzero()[0, 0])][0]
 
 
 # --- the loss ---------------------------------------------------------------------------------------
@@ -170,7 +203,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def build_data(cfg: TrainConfig, tokenizer):
     """Packed train rows, packed eval rows (for eval loss) and exact-match eval items."""
-    from deltatune.data import load_samples, pack, task_samples
+    from deltatune.data import DataError, load_samples, pack, task_samples
     from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task
 
     if cfg.data:
@@ -186,7 +219,14 @@ def build_data(cfg: TrainConfig, tokenizer):
         items[cfg.task] = eval_items_from_task(cfg.task, cfg.eval_samples, seed=cfg.seed)
     pad = tokenizer.pad_token_id
     eval_rows = pack(eval_samples, cfg.max_seq_len, pad) if eval_samples else None
-    return pack(train, cfg.max_seq_len, pad), eval_rows, items
+    train_rows = pack(train, cfg.max_seq_len, pad)
+    if train_rows.stats.rows == 0:  # every sample lost all its target tokens to truncation
+        source = cfg.data or f"task {cfg.task}"
+        raise DataError(
+            f"{source}: all {train_rows.stats.dropped_samples} samples lose every target token to "
+            f"truncation at max_seq_len {cfg.max_seq_len}, so nothing is left to train on; raise max_seq_len"
+        )
+    return train_rows, (eval_rows if eval_rows is not None and eval_rows.stats.rows else None), items
 
 
 def exact_match(model, tokenizer, items: dict, cfg: TrainConfig, autocast: dict) -> dict[str, float]:
@@ -243,24 +283,25 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": use_bf16}
     out = Path(cfg.output or f"runs/{datetime.now():%Y%m%d-%H%M%S}-{cfg.method}")
+    resume_from = resume.plan(out, cfg)  # fresh or resumed, checked before anything is loaded or written
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, items = build_data(cfg, tokenizer)  # bad data fails before anything is written
-    model = load_model(
-        cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device, quantize=cfg.quantize
-    )
-    attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
-    if is_main:
-        resume.prepare_output(out, cfg.resume)
-        write_json(out / "config.json", cfg.to_dict())
+    fingerprint = resume.data_fingerprint(train_rows.input_ids, train_rows.labels)
+    if resume_from is not None:
+        resume.check_data(resume_from, fingerprint)
     if is_main:
         stats = train_rows.stats
         print(
             f"data: {stats.samples} samples -> {stats.rows} rows of {cfg.max_seq_len} tokens, "
-            f"{stats.efficiency:.1%} filled, {stats.truncated_samples} truncated"
+            f"{stats.efficiency:.1%} filled, {stats.truncated_samples} truncated, {stats.dropped_samples} "
+            "dropped (no target token left after truncation)"
         )
+    model = load_model(
+        cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device, quantize=cfg.quantize
+    )
+    attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
 
-    resume_from = resume.latest(out) if cfg.resume else None
     before = (
         exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
     )
@@ -283,6 +324,12 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         before = state["eval_before"]
         if is_main:
             print(f"resumed from {resume_from}")
+    metrics_file = out / "metrics.jsonl"
+    if is_main:  # every check has passed: the run directory is written from here on
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg.to_dict())
+        resume.truncate_metrics(metrics_file, start_step)
+        resume.clear_unconfirmed(out, rank)
     train_module = loss_fn
     if world > 1:
         train_module = nn.parallel.DistributedDataParallel(
@@ -290,9 +337,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         )
 
     rows_per_step = cfg.batch_size * cfg.grad_accum * world
-    metrics_file = out / "metrics.jsonl"
-    if is_main:
-        resume.truncate_metrics(metrics_file, start_step)
+    pending: Path | None = None  # the checkpoint of the last step, not yet proven good
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not is_main, desc="train", unit="step")
     step, last_loss = start_step, float("nan")
     run_start = time.perf_counter()
@@ -333,13 +378,18 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         ).item()
         if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
             bar.close()
-            raise TrainingDiverged(
-                f"loss became {last_loss} (grad norm {grad_norm}) at step {step + 1}; stopping. "
-                f"The last good checkpoint in {out / 'checkpoints'} is kept; lower --learning-rate and --resume."
-            )
+            resume.discard(pending, rank)
+            raise _diverged(f"loss became {last_loss} (grad norm {grad_norm})", step + 1, out)
+        if pending is not None:  # its weights gave a finite loss and gradient: a good checkpoint
+            resume.confirm(pending, cfg.keep_checkpoints, rank)
+            pending = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        bad = nonfinite_state(model, optimizer)
+        if bad is not None:
+            bar.close()
+            raise _diverged(f"{bad} became non-finite", step, out)
         tokens_seen += step_tokens
         train_seconds += time.perf_counter() - t0
         tps = tokens_seen / max(train_seconds, 1e-9)
@@ -370,8 +420,9 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
                 "tokens_seen": tokens_seen,
                 "train_seconds": train_seconds,
                 "eval_before": before,
+                "data_fingerprint": fingerprint,
             }
-            resume.save(out, model, optimizer, state, cfg.keep_checkpoints, rank, world)
+            pending = resume.save(out, model, optimizer, state, rank, world)  # confirmed by step + 1
     bar.close()
 
     summary: dict[str, Any] = {}

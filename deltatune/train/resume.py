@@ -8,13 +8,25 @@
                                                          every rank's RNG state
         trainer_state.json                               step, counters, eval-before, param-group layout
 
-A checkpoint is first written to a hidden temp directory and then renamed into place, so a
-`step-*` directory that exists is complete. Data order and the learning rate are functions of the
+A checkpoint is first written to a hidden temp directory and then renamed to `unconfirmed-step-*`;
+the loop renames it to `step-*` (`confirm`) only once the next step's forward and backward with its
+weights gave a finite loss and gradient, and deletes it (`discard`) otherwise. So a `step-*`
+directory that exists is complete and good; an unconfirmed one left by a kill is ignored, and
+removed when the next run starts. Data order and the learning rate are functions of the
 step, so they need no state. Only safetensors and JSON are read back: no pickle.
+
+Whether a run may start at all is decided by `plan`, which only reads: a fresh run never lands in a
+directory that holds one, and a resume must be a continuation of the same run. Its config must
+equal the run's config.json in every key but the bookkeeping ones in `CHANGEABLE_ON_RESUME` (and
+`max_steps` only with a constant schedule: the cosine and linear decays are functions of it), and
+its packed training data must hash like the checkpoint's; anything else would give neither the old
+run nor a new one. A finished run (summary.json written) has no checkpoint of its final step, so it
+cannot be continued.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -26,22 +38,102 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltatune.atomic import check_writable
 from deltatune.deltas import named_delta_state
+from deltatune.formats import read_json
 from deltatune.formats.peft import save_delta
-from deltatune.train.config import ConfigError
+from deltatune.train.config import ConfigError, TrainConfig
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+UNCONFIRMED = "unconfirmed-"  # prefix of a checkpoint not yet proven good
+RUN_CONFIG = "config.json"
+SUMMARY = "summary.json"
+# keys that change what is logged or kept, never the trained weights or the reported results
+CHANGEABLE_ON_RESUME = ("log_every", "eval_every", "save_every", "keep_checkpoints", "max_steps")
+NOT_COMPARED = ("resume", "output")  # the resume request itself, and the directory it names
 
 
-def prepare_output(out: Path, resume: bool) -> None:
-    """Refuse to mix a fresh run into a directory that already holds one."""
-    if not resume and out.exists() and any((out / name).exists() for name in ("checkpoints", "summary.json")):
+def plan(out: Path, cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run continues, or None for a fresh start; refuses (ConfigError) a start
+    that would mix runs, continue something else, or redo a finished run. Reads only."""
+    if cfg.resume and cfg.output is None:
+        raise ConfigError("config key 'resume': needs --output, the run directory to continue")
+    check_writable(out)
+    finished, ckpt = (out / SUMMARY).is_file(), latest(out)
+    if not cfg.resume:
+        if finished or ckpt is not None:
+            raise ConfigError(
+                f"config key 'output': {out} already holds a run; pass --resume true to continue it "
+                "or choose another --output"
+            )
+        return None
+    if finished:
+        steps = read_json(out / SUMMARY).get("steps", "?")
         raise ConfigError(
-            f"config key 'output': {out} already holds a run; pass --resume true to continue it "
-            "or choose another --output"
+            f"config key 'resume': the run in {out} is finished ({steps} steps, summary.json written); "
+            "nothing to resume. Its final step is not checkpointed, so a longer run is a new run: "
+            "choose another --output"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        if cfg.resume == "auto":
+            return None
+        raise ConfigError(
+            f"config key 'resume': {out} holds no checkpoint to resume (no run, or killed before its "
+            "first save_every steps); --resume auto starts fresh when there is none"
+        )
+    step = read_json(ckpt / STATE_JSON)["step"]
+    changes = config_changes(read_json(out / RUN_CONFIG), cfg.to_dict(), step)
+    if changes:
+        raise ConfigError(
+            f"config key 'resume': cannot continue {out} ({ckpt.name}) with a different config: "
+            f"{'; '.join(changes)}. Only {', '.join(CHANGEABLE_ON_RESUME)} may change on resume "
+            "(max_steps only with schedule 'constant'); any other change alters the result, so "
+            "start a new run with another --output"
+        )
+    return ckpt
+
+
+def config_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> list[str]:
+    """Every key whose change would alter the result of continuing a run stopped at `step`."""
+    new = json.loads(json.dumps(new))  # compare as config.json holds it (tuples -> lists, ...)
+    missing = object()
+
+    def show(value: Any) -> str:
+        return "unset" if value is missing else json.dumps(value)
+
+    out = []
+    for key in sorted((set(stored) | set(new)) - set(NOT_COMPARED)):
+        old, now = stored.get(key, missing), new.get(key, missing)
+        if old == now or (key in CHANGEABLE_ON_RESUME and key != "max_steps"):
+            continue
+        if key == "max_steps" and new.get("schedule") == stored.get("schedule") == "constant":
+            if isinstance(now, int) and now >= step:
+                continue
+            out.append(f"max_steps {show(old)} -> {show(now)} is below the checkpoint's step {step}")
+            continue
+        why = f" (the {new.get('schedule')} decay depends on it)" if key == "max_steps" else ""
+        out.append(f"{key} {show(old)} -> {show(now)}{why}")
+    return out
+
+
+def data_fingerprint(input_ids: torch.Tensor, labels: torch.Tensor) -> str:
+    """A hash of the packed training rows: a resume must see the same data, not only the same keys."""
+    digest = hashlib.sha256()
+    for t in (input_ids, labels):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_data(ckpt: Path, fingerprint: str) -> None:
+    """Refuse to resume on training data that differ from the checkpoint's (edited file, other tokenizer)."""
+    saved = read_json(ckpt / STATE_JSON).get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(
+            f"config key 'resume': the training data differ from those {ckpt} was trained on (same "
+            "config keys, but the data file's content or the tokenizer changed); start a new run"
+        )
 
 
 def _step_dirs(out: Path) -> list[Path]:
@@ -78,12 +170,12 @@ def save(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
-    keep: int,
     rank: int,
     world: int,
 ) -> Path:
+    """Write the checkpoint of step `state['step']` as `unconfirmed-step-N` (see `confirm`)."""
     rngs = _rng_states(world)  # collective: every rank takes part
-    final = out / "checkpoints" / f"step-{state['step']:06d}"
+    final = out / "checkpoints" / f"{UNCONFIRMED}step-{state['step']:06d}"
     if rank != 0:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +200,30 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in _step_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def confirm(pending: Path, keep: int, rank: int) -> Path:
+    """The step after `pending` was finite: it becomes `step-N`, and only the `keep` newest stay."""
+    good = pending.with_name(pending.name.removeprefix(UNCONFIRMED))
+    if rank == 0:
+        if good.exists():  # left by an earlier attempt at the same step
+            shutil.rmtree(good)
+        pending.rename(good)
+        for old in _step_dirs(good.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return good
+
+
+def discard(pending: Path | None, rank: int) -> None:
+    """Delete a checkpoint whose next step diverged, or unconfirmed ones a killed run left."""
+    if rank == 0 and pending is not None:
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+def clear_unconfirmed(out: Path, rank: int) -> None:
+    for stale in (out / "checkpoints").glob(f"{UNCONFIRMED}step-*"):
+        discard(stale, rank)
 
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any]:
