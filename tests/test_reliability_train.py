@@ -142,6 +142,11 @@ def test_config_changes_by_hand():
         "lora_r unset -> 8",
         "seed 0 -> 1",
     ]
+    # a key added to deltatune after the run was made counts as its default
+    assert resume.config_changes(stored, dict(stored, lora_r=16), step=4, defaults={"lora_r": 16}) == []
+    assert resume.config_changes(stored, dict(stored, lora_r=8), step=4, defaults={"lora_r": 16}) == [
+        "lora_r 16 -> 8"
+    ]
 
 
 def test_resume_of_a_finished_run_says_so_and_writes_nothing(tmp_path, tiny_dir):

@@ -83,7 +83,7 @@ def plan(out: Path, cfg: TrainConfig) -> Path | None:
             "first save_every steps); --resume auto starts fresh when there is none"
         )
     step = read_json(ckpt / STATE_JSON)["step"]
-    changes = config_changes(read_json(out / RUN_CONFIG), cfg.to_dict(), step)
+    changes = config_changes(read_json(out / RUN_CONFIG), cfg.to_dict(), step, _defaults(cfg))
     if changes:
         raise ConfigError(
             f"config key 'resume': cannot continue {out} ({ckpt.name}) with a different config: "
@@ -94,10 +94,19 @@ def plan(out: Path, cfg: TrainConfig) -> Path | None:
     return ckpt
 
 
-def config_changes(stored: dict[str, Any], new: dict[str, Any], step: int) -> list[str]:
-    """Every key whose change would alter the result of continuing a run stopped at `step`."""
-    new = json.loads(json.dumps(new))  # compare as config.json holds it (tuples -> lists, ...)
+def _defaults(cfg: TrainConfig) -> dict[str, Any]:
+    fields = {**TrainConfig.model_fields, **type(cfg.delta_config()).model_fields}
+    return {k: f.get_default(call_default_factory=True) for k, f in fields.items() if not f.exclude}
+
+
+def config_changes(
+    stored: dict[str, Any], new: dict[str, Any], step: int, defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Every key whose change would alter the result of continuing a run stopped at `step`. A key
+    the stored config lacks (added to deltatune since) counts as its default from `defaults`."""
+    new, defaults = json.loads(json.dumps(new)), json.loads(json.dumps(defaults or {}))
     missing = object()
+    stored = {**{k: v for k, v in defaults.items() if k in new}, **stored}
 
     def show(value: Any) -> str:
         return "unset" if value is missing else json.dumps(value)
