@@ -72,6 +72,22 @@ MERGES: dict[str, dict[str, Any]] = {
     "dare_ties": {"model": {"weight": 1.0, "density": 0.5}, "global": {}},
     "breadcrumbs": {"model": {"weight": 1.0, "density": 0.9, "gamma": 0.01}, "global": {}},
     "model_stock": {"model": {}, "global": {}},
+    # Singular-vector merges (merge/spectral.py), paper defaults: lambda 1, Iso-CTS fraction 0.8
+    "tsv": {"model": {}, "global": {}},
+    "iso_c": {"model": {}, "global": {}},
+    "iso_cts": {"model": {}, "global": {"common_space_fraction": 0.8}},
+    "ties_knots": {
+        "method": "ties",
+        "model": {"weight": 1.0, "density": 0.5},
+        "global": {"normalize": True},
+        "top": {"knots": True},
+    },
+    # Learned λ per task and block on the trio's train prompts (answers never read), merge/adamerging.py
+    "adamerging": {
+        "model": {},
+        "global": {},
+        "top": {"adamerging": {"prompts": "TRIO", "prompts_per_source": 32, "steps": 100, "lr": 0.01}},
+    },
 }
 SLERP_T = 0.5
 
@@ -207,13 +223,23 @@ def trained_adapter(task: str, steps: int) -> tuple[Path, dict[str, Any]]:
     return adapter, kept
 
 
-def merge_yaml(method: str, adapters: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
+def merge_yaml(
+    method: str, adapters: list[Path], settings: dict[str, Any], tasks: list[str] | None = None
+) -> dict[str, Any]:
+    """The YAML of one merge row; `settings` may name the merge_method and add top-level keys."""
     own = settings["model"]  # a fresh dict per model, so the YAML has no anchors
     models = [{"model": str(a), **({"parameters": dict(own)} if own else {})} for a in adapters]
-    config: dict[str, Any] = {"merge_method": method, "base_model": str(resolve()), "models": models}
+    config: dict[str, Any] = {
+        "merge_method": settings.get("method", method),
+        "base_model": str(resolve()),
+        "models": models,
+    }
     if settings["global"]:
         config["parameters"] = settings["global"]
-    return config | {"dtype": "float32"}
+    top = copy.deepcopy(settings.get("top", {}))
+    if top.get("adamerging", {}).get("prompts") == "TRIO":
+        top["adamerging"]["prompts"] = [f"task:{t}" for t in tasks or []]
+    return config | top | {"dtype": "float32"}
 
 
 def run_one_merge(name: str, config: dict[str, Any]) -> tuple[Path, Any]:
@@ -256,20 +282,27 @@ def merge_row(name: str, kind: str, report, scores: dict, own: dict, settings: d
     }
 
 
-def part_a(scorer: Scorer, tasks: list[str], adapters: dict[str, Path], steps: int) -> dict[str, Any]:
+def part_a(
+    scorer: Scorer, tasks: list[str], adapters: dict[str, Path], steps: int, only: set[str] | None = None
+) -> dict[str, Any]:
     base_scores = scorer.score(scorer.base_bf16, tasks)
     single = {t: scorer.score(scorer.with_adapter(adapters[t]), tasks) for t in tasks}
     own = {t: single[t][t] for t in tasks}
     print(f"[a] base {base_scores}\n[a] single {single}")
     merges = []
     for method, settings in MERGES.items():
+        if only is not None and method not in only:
+            continue
         started = time.perf_counter()
-        out, report = run_one_merge(method, merge_yaml(method, [adapters[t] for t in tasks], settings))
+        out, report = run_one_merge(method, merge_yaml(method, [adapters[t] for t in tasks], settings, tasks))
         scores = scorer.score(scorer.with_adapter(out), tasks)
         merges.append(
             merge_row(method, "adapter", report, scores, own, settings, time.perf_counter() - started)
         )
         print(f"[a] {method}: {scores} (r {report.rank}, {report.seconds:.1f} s)")
+    if only is not None and "slerp" not in only:
+        return {"base": base_scores, "single": single, "own": own, "merges": merges,
+                "interference": interference(tasks, adapters)}  # fmt: skip
     # SLERP: weights, two models; the first two adapters exported as full models, t = 0.5.
     started = time.perf_counter()
     first, second = tasks[:2]
@@ -290,7 +323,20 @@ def part_a(scorer: Scorer, tasks: list[str], adapters: dict[str, Path], steps: i
     merges.append(row)
     print(f"[a] slerp: {scores}")
     shutil.rmtree(WORK / "merges" / "slerp")  # 540 MB; the adapter merges are small and kept
-    return {"base": base_scores, "single": single, "own": own, "merges": merges}
+    return {"base": base_scores, "single": single, "own": own, "merges": merges,
+            "interference": interference(tasks, adapters)}  # fmt: skip
+
+
+def interference(tasks: list[str], adapters: dict[str, Path]) -> dict[str, Any]:
+    """`deltatune inspect` over the trio: cosine of ΔW and top-16 subspace overlap per pair."""
+    from deltatune.inspect import inspect_deltas
+
+    started = time.perf_counter()
+    report = inspect_deltas([adapters[t] for t in tasks], top_r=16)
+    pairs = {f"{tasks[i]} / {tasks[j]}": {"cosine": report["cosine"][i][j], "overlap": report["subspace_overlap"][i][j]}
+             for i in range(len(tasks)) for j in range(i + 1, len(tasks))}  # fmt: skip
+    norms = {t: d["norm"] for t, d in zip(tasks, report["deltas"], strict=True)}
+    return {"pairs": pairs, "norms": norms, "seconds": round(time.perf_counter() - started, 2)}
 
 
 # --- (b) compression -------------------------------------------------------------------------------
@@ -476,6 +522,17 @@ def markdown(result: dict[str, Any]) -> str:
         "Settings: " + "; ".join(f"{m['method']} {json.dumps(m['settings'])}" for m in result["merges"]),
         "",
     ]
+    if "interference" in result:
+        inter = result["interference"]
+        lines += [
+            f"Interference before merging (`deltatune inspect`, {inter['seconds']:.1f} s): ΔW norms "
+            + ", ".join(f"{t} {v:.1f}" for t, v in inter["norms"].items()),
+            "",
+            "| pair | cosine of ΔW | top-16 subspace overlap |",
+            "|---|---:|---:|",
+            *(f"| {k} | {v['cosine']:.3f} | {v['overlap']:.3f} |" for k, v in inter["pairs"].items()),
+            "",
+        ]
     if result["compression"]:
         lines += compression_markdown(result)
     g, checks = result["goals"], result["precision_check"]
@@ -525,6 +582,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="where merge_quality.json/.md go")
     parser.add_argument("--no-compress", action="store_true", help="part (a) only: skip compression")
+    parser.add_argument("--methods", help="merge rows to run, comma-separated (default: all, and slerp)")
     parser.add_argument(
         "--tables-only", action="store_true", help="rebuild goals and the .md from the existing JSON"
     )
@@ -552,6 +610,7 @@ def main() -> None:
             + (f" --eval-items {args.eval_items}" if args.eval_items != 50 else "")
             + (f" --tasks {args.tasks}" if tasks != list(TASKS) else "")
             + (" --no-compress" if args.no_compress else "")
+            + (f" --methods {args.methods}" if args.methods else "")
             + (f" --out {args.out}" if args.out != OUT else ""),
             "steps": args.steps,
             "eval_items": args.eval_items,
@@ -561,7 +620,12 @@ def main() -> None:
         "training": {t: s for t, (_, s) in trained.items()},
         "precision_check": check,
     }
-    result |= part_a(scorer, tasks, adapters, args.steps)
+    only = set(args.methods.split(",")) if args.methods else None
+    if only and only - set(MERGES) - {"slerp"}:
+        parser.error(
+            f"--methods: unknown {sorted(only - set(MERGES) - {'slerp'})}; known: {', '.join(MERGES)}, slerp"
+        )
+    result |= part_a(scorer, tasks, adapters, args.steps, only)
     result["compression"] = []
     if not args.no_compress:
         loads.append(wait_for_quiet_cpu("compress"))

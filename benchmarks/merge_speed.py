@@ -14,7 +14,9 @@ the TIES targets compare against the faster of the two. Runs are repeated (see R
 time kept (the machine is shared); the page cache is warmed first, so all runs read from memory.
 
 Merges: linear over the three models (weights 0.5/0.3/0.2), and TIES with the base as base_model
-and the two fine-tunes (density 0.5, weights 0.5/0.5).
+and the two fine-tunes (density 0.5, weights 0.5/0.5). The singular-vector merges mergekit does not
+have (TSV-M, Iso-C, Iso-CTS, TIES in KnOTS space) run on the same base and fine-tunes, deltatune
+only, once each; they are compared with deltatune's own TIES (peak RSS goal: <= 1.5x).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ REPEATS = {"floor-read": 3, "floor-mmap": 3, "deltatune": 3, "mergekit": 2, "mer
 NOISE = 0.01
 TOOLS = ("floor-read", "floor-mmap", "deltatune", "mergekit", "mergekit-1thread")
 TARGETS = {"ties_time": 0.25, "ties_memory": 0.5, "linear_vs_floor": 1.3}
+SPECTRAL = {"tsv": "", "iso_c": "", "iso_cts": "", "ties_knots": "knots: true\n"}  # method -> extra YAML
+SPECTRAL_MEMORY_GOAL = 1.5  # peak RSS vs deltatune's TIES
 
 
 def configs(base: Path, ft1: Path, ft2: Path) -> dict[str, str]:
@@ -59,6 +63,12 @@ models:
 parameters: {{normalize: true}}
 dtype: float32
 """,
+        **{
+            name: f"merge_method: {name.removesuffix('_knots')}\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
+            f"  - model: {ft2}\n{extra}dtype: float32\n"
+            + ("parameters: {weight: 0.5, density: 0.5}\n" if name == "ties_knots" else "")
+            for name, extra in SPECTRAL.items()
+        },
     }
 
 
@@ -214,6 +224,10 @@ def markdown(rows: list[dict], ratios: dict, machine: str) -> str:
     ):
         met = "yes" if ratios[key] <= TARGETS[key] else "no"
         lines.append(f"| {label} | {ratios[key]:.2f}x | <= {TARGETS[key]}x | {met} |")
+    for m, r in ratios.get("spectral", {}).items():
+        met = "yes" if r["memory_vs_ties"] <= SPECTRAL_MEMORY_GOAL else "no"
+        lines.append(f"| {m}: time / peak RSS vs deltatune TIES | {r['time_vs_ties']:.2f}x / "
+                     f"{r['memory_vs_ties']:.2f}x | RSS <= {SPECTRAL_MEMORY_GOAL}x | {met} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -234,11 +248,11 @@ def main() -> None:
         for method in ("linear", "ties")
         for tool in TOOLS
         if not (tool.startswith("floor") and method == "ties")
-    ]
+    ] + [("deltatune", m) for m in SPECTRAL]
     runs: dict[tuple[str, str], list[dict]] = {key: [] for key in plan}
     for repeat in range(max(REPEATS.values())):
         for tool, method in plan:
-            if repeat >= REPEATS[tool]:
+            if repeat >= (1 if method in SPECTRAL else REPEATS[tool]):
                 continue  # mergekit runs are the slow ones: fewer repeats
             result = run_child(tool, method, paths[method])
             runs[(tool, method)].append(result)
@@ -262,6 +276,13 @@ def main() -> None:
         "linear_vs_floor": by[("deltatune", "linear")]["seconds"]
         / min(by[(t, "linear")]["seconds"] for t in ("floor-read", "floor-mmap")),
     }
+    ties = by[("deltatune", "ties")]
+    spectral = {
+        m: {"time_vs_ties": by[("deltatune", m)]["seconds"] / ties["seconds"],
+            "memory_vs_ties": by[("deltatune", m)]["peak_rss_bytes"] / ties["peak_rss_bytes"]}
+        for m in SPECTRAL
+    }  # fmt: skip
+    ratios["spectral"] = spectral
     load = f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     machine = f"{os.cpu_count()} CPU cores shared with other jobs, 1-minute load average {load}"
     (OUT / "merge_speed.json").write_text(
