@@ -43,9 +43,10 @@ def lora_trio(tmp_path_factory) -> dict[str, Path]:
     load_tokenizer().save_pretrained(base)  # export --merge copies it
     paths = {"base": base}
     for seed, kwargs in ((1, {"r": 4}), (2, {"r": 6, "lora_alpha": 3, "use_rslora": True})):
+        base_model = tiny_llama(seed=0, vocab_size=256)  # reseeds torch: the LoRA init is seeded after it
         torch.manual_seed(seed)
         model = get_peft_model(
-            tiny_llama(seed=0, vocab_size=256),
+            base_model,
             LoraConfig(init_lora_weights=False, target_modules=["q_proj", "down_proj"], **kwargs),
         )
         paths[f"a{seed}"] = root / f"a{seed}"

@@ -34,10 +34,9 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     tiny_llama(seed=0, initializer_range=0.3).save_pretrained(paths["base"])
     load_tokenizer().save_pretrained(paths["base"])
     for seed in (1, 2):
+        lora_base = tiny_llama(seed=0, initializer_range=0.3)  # reseeds torch: seed the LoRA after it
         torch.manual_seed(seed)
-        model = get_peft_model(
-            tiny_llama(seed=0, initializer_range=0.3), LoraConfig(r=4, init_lora_weights=False)
-        )
+        model = get_peft_model(lora_base, LoraConfig(r=4, init_lora_weights=False))
         model.peft_config["default"].base_model_name_or_path = str(paths["base"])
         paths[f"a{seed}"] = root / f"a{seed}"
         model.save_pretrained(paths[f"a{seed}"])

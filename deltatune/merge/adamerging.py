@@ -19,8 +19,9 @@ merge as usual, and `adamerging.json` beside the result keeps the λ and the ent
     models: [{model: a1}, {model: a2}]
     adamerging: {prompts: [task:addition, task:kv_lookup], steps: 100, lr: 0.01, init: 0.3}
 
-During learning the task vectors of the 2-D weights are held in memory (for LoRA, as the dense
-products): this is for models that fit on the machine, unlike the streaming merges.
+During learning, adapters stay factored (hooks add λ s B A x beside each frozen layer, so the
+backward pass never forms a weight gradient); full models' task vectors are held in memory and
+merged per step: this is for models that fit on the machine, unlike the streaming merges.
 """
 
 from __future__ import annotations
@@ -88,16 +89,16 @@ def equivalent_config(
 
 
 def _task_vectors(inputs: MergeInputs, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
-    """Per input, {parameter name: d_i} in the model's own parameter names (fp32)."""
+    """Per input, {parameter name: d_i} in the model's own parameter names (fp32), or for
+    adapters {module path: LoraFactors}."""
     from deltatune.formats.hf import ModelFiles
     from deltatune.formats.peft import read_lora
 
     params = dict(model.named_parameters())
     vectors = []
     for path in inputs.models:
-        if inputs.adapters:
-            lora = read_lora(path)
-            vectors.append({f"{m}.weight": f.dense().float() for m, f in lora.modules.items()})
+        if inputs.adapters:  # kept as factors: the forward adds λ s B A x beside the frozen layer
+            vectors.append(dict(read_lora(path).modules))
             continue
         files = ModelFiles(path)
         with files.reader() as read:
@@ -127,14 +128,36 @@ def _prompt_batches(options: AdaMergingOptions, tokenizer) -> list[tuple[torch.T
     return [left_pad(rows[i : i + options.batch_size], pad) for i in range(0, len(rows), options.batch_size)]
 
 
+def _lora_hooks(model: torch.nn.Module, factors: list[dict], lam: torch.Tensor, num_layers: int) -> list:
+    """Forward hooks adding Σ_i λ[i, block] s_i B_i A_i x to each adapted linear layer."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name in sorted(set().union(*factors)):
+        parts = [
+            (i, f.a.float(), f.b.float(), f.scale) for i, fs in enumerate(factors) if (f := fs.get(name))
+        ]
+        g = group_of(name, num_layers)
+
+        def hook(module, args, out, parts=parts, g=g):
+            x = args[0]
+            return out + sum(lam[i, g] * scale * ((x @ a.T) @ b.T) for i, a, b, scale in parts)
+
+        handles.append(modules[name].register_forward_hook(hook))
+    return handles
+
+
 def learn_coefficients(
     model: torch.nn.Module,
-    deltas: list[dict[str, torch.Tensor]],
+    deltas: list[dict],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     options: AdaMergingOptions,
     num_layers: int,
+    adapters: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
-    """λ [tasks, num_layers + 1] minimising the entropy of the last prompt position; and the curve."""
+    """λ [tasks, num_layers + 1] minimising the entropy of the last prompt position; and the curve.
+
+    Adapters run the frozen model with hooks (backward only through activations and the low-rank
+    paths); full models run on merged weights built from λ at every step (torch.func)."""
     from torch.func import functional_call
 
     for p in model.parameters():
@@ -142,22 +165,28 @@ def learn_coefficients(
     params = dict(model.named_parameters())
     lam = torch.full((len(deltas), num_layers + 1), options.init, requires_grad=True)
     optimizer = torch.optim.Adam([lam], lr=options.lr)
+    handles = _lora_hooks(model, deltas, lam, num_layers) if adapters else []
     curve = []
-    for step in range(options.steps):
-        ids, mask = batches[step % len(batches)]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        weights = merged_weights(params, deltas, lam, num_layers)
-        out = functional_call(
-            model, weights, args=(), kwargs={"input_ids": ids, "attention_mask": mask, "position_ids": positions},
-            strict=False,
-        )  # fmt: skip
-        loss = mean_entropy(out.logits[:, -1])  # left-padded: the last column is every prompt's end
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            lam.clamp_(0.0, 1.0)
-        curve.append(float(loss))
+    try:
+        for step in range(options.steps):
+            ids, mask = batches[step % len(batches)]
+            kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+                      "logits_to_keep": 1}  # fmt: skip
+            if adapters:
+                out = model(**kwargs)
+            else:
+                weights = merged_weights(params, deltas, lam, num_layers)
+                out = functional_call(model, weights, args=(), kwargs=kwargs, strict=False)
+            loss = mean_entropy(out.logits[:, -1])  # left-padded: the last column is every prompt's end
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                lam.clamp_(0.0, 1.0)
+            curve.append(float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
     return lam.detach(), curve
 
 
@@ -179,7 +208,7 @@ def run_adamerging(cfg, inputs: MergeInputs, out_dir: Path, threads: int) -> Mer
     num_layers = int(model.config.num_hidden_layers)
     deltas = _task_vectors(inputs, model)
     batches = _prompt_batches(options, load_tokenizer(base))
-    lam, curve = learn_coefficients(model, deltas, batches, options, num_layers)
+    lam, curve = learn_coefficients(model, deltas, batches, options, num_layers, inputs.adapters)
     del model, deltas
     names = [str(p) for p in inputs.models]
     config = equivalent_config(

@@ -10,7 +10,9 @@ cross terms B_i A_j belong to no adapter; that is a known bug elsewhere and is n
   one-hot inputs, so they include `normalize`, `lambda`, LiNeS and per-layer gradients or filters.
   With `rank: r` the stacked product is truncated by SVD (through QR of the thin factors, so the
   dense matrix is never built) and the relative Frobenius error is reported per module.
-- Every other method except slerp (TIES, DARE, Breadcrumbs, Model Stock) is not linear: it runs on
+- TSV-M, Iso-C and Iso-CTS depend on ΔW only through rotations, so they run on the coordinates of
+  the ΔW_i in the span of the factors (`subspace_merge`): exact, without dense SVDs.
+- Every other method except slerp (TIES, DARE, Breadcrumbs, Model Stock, KnOTS) is not linear: it runs on
   the dense deltas dW_i with a zero base (the result is then the merged delta) and the result is
   factored back by SVD to `rank` (default: the sum of the input ranks), with the error reported.
   SLERP interpolates weights, not deltas, so it needs the base weights and is refused here.
@@ -23,6 +25,7 @@ contribute zero columns), written atomically.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,27 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch
     qa, ra = torch.linalg.qr(a.double().T)
     u, s, vh = torch.linalg.svd(rb @ ra.T)
     return factors_from_svd(qb @ u, s, vh @ qa.T, rank)
+
+
+def subspace_merge(
+    fn, kwargs: dict[str, Any], factors: list[LoraFactors | None], shape: tuple[int, int], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A rotation-invariant method on the products s_i B_i A_i, inside the span of their factors.
+
+    With orthonormal bases Q_out of [s_i B_i] and Q_in of [A_iᵀ], ΔW_i = Q_out M_i Q_inᵀ exactly;
+    the method runs on the small M_i and its result is lifted back: no [out, in] matrix is formed.
+    """
+    present = [f for f in factors if f is not None]
+    q_out, _ = torch.linalg.qr(torch.cat([f.b.double() * f.scale for f in present], dim=1))
+    q_in, _ = torch.linalg.qr(torch.cat([f.a.double().T for f in present], dim=1))
+    zero = torch.zeros(q_out.shape[1], q_in.shape[1], dtype=torch.float64)
+    small = [
+        zero if f is None else (q_out.T @ (f.b.double() * f.scale)) @ (f.a.double() @ q_in) for f in factors
+    ]
+    if "shape" in inspect.signature(fn).parameters:
+        kwargs = kwargs | {"shape": shape}
+    u, s, vh = torch.linalg.svd(fn(zero, small, **kwargs), full_matrices=False)
+    return factors_from_svd(q_out @ u, s, vh @ q_in.T, rank)
 
 
 def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +162,8 @@ def merge_adapters(cfg: MergeConfig, inputs: MergeInputs, out_dir: Path) -> Merg
                 a, b, errors[module] = truncate_factors(a, b, rank)
             else:
                 a, b = pad_rank(a, b, rank)
+        elif spec.rotation_invariant:
+            a, b, errors[module] = subspace_merge(spec.fn, kwargs, factors, shape, rank)
         else:
             deltas = [f.dense() if f is not None else torch.zeros(shape) for f in factors]
             merged = spec.fn(torch.zeros(shape), deltas, **kwargs)

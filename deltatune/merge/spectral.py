@@ -15,9 +15,14 @@ methods work per 2-D weight on the SVD of the task updates instead:
             the V_i live in one aligned basis, so an existing method (TIES, DARE, task arithmetic)
             merges them there and the result is U Σ V_mergedᵀ. `knots_space(fn)` wraps any method.
 
+TSV-M, Iso-C and Iso-CTS are invariant under rotations of the row and column spaces (they use only
+SVDs, projections and polar factors), so a LoRA merge runs them on the small coordinates of the
+ΔW_i in the span of the adapters' factors and lifts the result back: exact, and no dense SVD of an
+[out, in] matrix. KnOTS is not (its inner method is elementwise in the V coordinates).
+
 Tensors that are not 2-D (norms, biases) get base + lambda * mean_i d_i, as in the reference code
 (fusion-bench). Difference from fusion-bench, deliberate: spectra are cut at their numerical rank
-(singular values ≤ 1e-6 relative to the largest are zero). For full-rank task updates this changes
+(singular values at rounding-noise level, σ ≤ σ_max · max(m, n) · eps, are zero). For full-rank task updates this changes
 nothing; for low-rank ones (LoRA products, where most singular values are exactly zero) it keeps
 Iso-C's mean over the directions the tasks actually use instead of spreading it over arbitrary
 null-space directions, and keeps TSV-M's whitening from mixing in null-space vectors.
@@ -32,14 +37,13 @@ from torch import Tensor
 
 from deltatune.merge.methods import task_vectors
 
-RELATIVE_TOL = 1e-6  # singular values below this fraction of the largest count as zero
 
-
-def numerical_rank(s: Tensor) -> int:
-    """How many singular values (sorted descending) are nonzero at RELATIVE_TOL."""
+def numerical_rank(s: Tensor, shape: Sequence[int]) -> int:
+    """How many singular values (descending) of a matrix of `shape` are above rounding noise:
+    σ > σ_max · max(shape) · eps(dtype), numpy's matrix_rank tolerance."""
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
-    return int((s > s[0] * RELATIVE_TOL).sum())
+    return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum())
 
 
 def polar(x: Tensor) -> Tensor:
@@ -52,16 +56,21 @@ def _mean_update(base: Tensor, deltas: list[Tensor], lam: float) -> Tensor:
     return base.to(deltas[0].dtype) + lam * torch.stack(deltas).mean(dim=0)
 
 
-def tsv_m(base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0) -> Tensor:
-    """TSV-M: base + lam * U⊥ Σ V⊥ᵀ from each task's top 1/T singular triplets, whitened."""
+def tsv_m(
+    base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0, shape: tuple[int, int] | None = None
+) -> Tensor:
+    """TSV-M: base + lam * U⊥ Σ V⊥ᵀ from each task's top 1/T singular triplets, whitened.
+
+    `shape` is the full weight's shape when the inputs are its coordinates in a smaller subspace
+    (deltatune.merge.adapters does that for LoRA): the 1/T share is of min(shape)."""
     deltas = task_vectors(base, tensors)
     if base.dim() != 2:
         return _mean_update(base, deltas, lam)
-    keep = max(1, int(min(base.shape) * (1 / len(deltas))))  # fusion-bench's rounding
+    keep = max(1, int(min(shape or base.shape) * (1 / len(deltas))))  # fusion-bench's rounding
     us, ss, vhs = [], [], []
     for d in deltas:
         u, s, vh = torch.linalg.svd(d, full_matrices=False)
-        k = min(keep, numerical_rank(s))
+        k = min(keep, numerical_rank(s, d.shape))
         us.append(u[:, :k])
         ss.append(s[:k])
         vhs.append(vh[:k])
@@ -78,7 +87,7 @@ def iso_c(base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0) -> Tenso
     if base.dim() != 2:
         return _mean_update(base, deltas, lam)
     u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
-    r = numerical_rank(s)
+    r = numerical_rank(s, base.shape)
     return base.to(s.dtype) + lam * float(s[:r].mean() if r else 0.0) * (u[:, :r] @ vh[:r])
 
 
@@ -96,7 +105,7 @@ def iso_cts(
         return _mean_update(base, deltas, lam)
     n = len(deltas)
     u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
-    r = numerical_rank(s)
+    r = numerical_rank(s, base.shape)
     if r == 0:
         return base.to(s.dtype).clone()
     per_task = min(round((r - int(r * common_space_fraction)) / n), r // n)  # never a negative common
@@ -115,8 +124,9 @@ def iso_cts(
 
 def knots_alignment(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
     """U, Σ and the per-task V_iᵀ of [d_1 … d_T] = U Σ [V_1ᵀ … V_Tᵀ] (numerical rank kept)."""
-    u, s, vh = torch.linalg.svd(torch.cat(list(deltas), dim=1), full_matrices=False)
-    r = numerical_rank(s)
+    concat = torch.cat(list(deltas), dim=1)
+    u, s, vh = torch.linalg.svd(concat, full_matrices=False)
+    r = numerical_rank(s, concat.shape)
     return u[:, :r], s[:r], list(torch.split(vh[:r], deltas[0].shape[1], dim=1))
 
 
