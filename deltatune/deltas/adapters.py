@@ -13,6 +13,7 @@ Stored in deltatune's own format (docs/formats.md).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -68,6 +69,13 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where the wrapped block lives; a block over a quantized base may own no parameter at all."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return next(m.weight.device for m in module.modules() if isinstance(m, nn.Linear))
+
+
 def _replace_first(out: Any, value: torch.Tensor) -> Any:
     return (value, *out[1:]) if isinstance(out, tuple) else value
 
@@ -76,7 +84,7 @@ class SeriesAdapter(DeltaLayer):
     def __init__(self, base_layer: nn.Module, width: int, size: int, act: str):
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = Bottleneck(width, size, act, next(base_layer.parameters()).device)
+        self.adapter = Bottleneck(width, size, act, _device(base_layer))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
@@ -90,7 +98,7 @@ class ParallelAdapter(DeltaLayer):
     def __init__(self, base_layer: nn.Module, width: int, size: int, act: str, scale: float):
         super().__init__()
         self.base_layer = base_layer
-        self.adapter = Bottleneck(width, size, act, next(base_layer.parameters()).device)
+        self.adapter = Bottleneck(width, size, act, _device(base_layer))
         self.scale = scale
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
