@@ -19,7 +19,7 @@ from deltatune.models import load_tokenizer, tiny_llama
 from deltatune.serve import Engine, SamplingParams
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters
 from deltatune.serve.pool import AdapterPool, PoolBusyError
-from deltatune.serve.sampling import TextStream, top_p_filter
+from deltatune.serve.sampling import TextStream, choose_tokens, sample_row, top_p_filter
 from deltatune.train.evaluate import generate as reference_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,6 +99,20 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     torch.testing.assert_close(top_p_filter(probs, 0.7), torch.tensor([0.0, 0.625, 0.0, 0.375]))
     torch.testing.assert_close(top_p_filter(probs, 0.5), torch.tensor([0.0, 1.0, 0.0, 0.0]))
     torch.testing.assert_close(top_p_filter(probs, 1.0), probs)
+
+
+def test_tiny_temperatures_sample_the_argmax_and_bad_rows_fail_alone():
+    logits = torch.tensor([[1.0, 3.0, 2.9, -5.0], [0.5, 0.1, 0.2, 0.0], [2.0, float("nan"), 0.0, 1.0]])
+    for temperature in (1e-300, 5e-324, 1e-8):  # fp32 would round 1e-300 to 0 and divide 0 by 0
+        params = SamplingParams(temperature=temperature, seed=1)
+        gen = torch.Generator().manual_seed(0)
+        assert [sample_row(logits[i], params, gen) for i in range(2)] == [1, 0]
+    rows = [SamplingParams(temperature=1e-300), SamplingParams(), SamplingParams(temperature=0.5)]
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    tokens, failed = choose_tokens(logits, rows, gens)
+    assert tokens[:2] == [1, 0] and list(failed) == [2] and "not finite" in failed[2]
+    inf_row = torch.tensor([[0.0, float("inf"), 1.0]])  # inf is not finite either, greedy or not
+    assert list(choose_tokens(inf_row, [SamplingParams()], gens[:1])[1]) == [0]
 
 
 def test_text_stream_holds_back_possible_stop_strings(tokenizer):

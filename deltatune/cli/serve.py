@@ -1,4 +1,5 @@
-"""`deltatune serve`: the OpenAI-compatible server; engine options are checked before the model loads."""
+"""`deltatune serve`: the OpenAI-compatible server. Engine options, the port and the address are checked
+before the model loads (the port is bound first), so each of their errors is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -11,21 +12,21 @@ from deltatune.cli import command, fail, key_values, keys_help, with_keys_help
 
 
 def _engine_options_help(args: list[str]) -> str:
-    from deltatune.serve.engine import LoadOptions
+    from deltatune.serve.options import ServeOptions
 
-    return keys_help("Engine options (-o key=value, repeatable)", LoadOptions, flags=False)
+    return keys_help("Engine options (-o key=value, repeatable)", ServeOptions, flags=False)
 
 
 def _engine_options(items: list[str]) -> dict[str, object]:
     from pydantic import ValidationError
 
-    from deltatune.serve.engine import LoadOptions
+    from deltatune.serve.options import ServeOptions
 
     values = key_values(items, "--option")
-    for key in values.keys() - LoadOptions.model_fields.keys():
-        fail(f"--option {key}: unknown engine option; valid: {', '.join(LoadOptions.model_fields)}")
+    for key in sorted(values.keys() - ServeOptions.model_fields.keys()):
+        fail(f"--option {key}: unknown engine option; valid: {', '.join(ServeOptions.model_fields)}")
     try:
-        return LoadOptions(**values).model_dump(exclude_unset=True)
+        return ServeOptions(**values).model_dump(exclude_unset=True)
     except ValidationError as err:
         first = err.errors()[0]
         fail(f"--option {first['loc'][0]}: {first['msg']} (got {first['input']!r})")
@@ -65,6 +66,8 @@ def serve(
     """OpenAI-compatible server for the base model and many adapters at once."""
     from deltatune.serve.app import serve as run
 
+    if not 0 <= port <= 65535:
+        fail(f"--port {port}: not a TCP port (0-65535)")
     adapters = {
         name: Path(path) for name, path in (_pair(item, "--adapter", "name=path") for item in adapter)
     }

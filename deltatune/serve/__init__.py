@@ -4,6 +4,7 @@
     pool.py         registered / resident adapters, slots, byte budget, LRU eviction
     kv.py           the running batch's left-padded KV cache: join, leave, step
     sampling.py     greedy / temperature / top-p / seed, incremental text with stop strings
+    options.py      the `-o` options: EngineOptions < LoadOptions < ServeOptions (pydantic)
     engine.py       the scheduler thread: continuous batching
     protocol.py     OpenAI request schemas, response and chunk shapes, the error body
     app.py          FastAPI routes, auth, SSE streaming; `serve()` runs it under uvicorn

@@ -11,7 +11,12 @@ a background thread after `start()`). Each turn it
     3. runs one decode step for every running row together and samples the next tokens;
     4. drops rows that finished (stop token, stop string, max_tokens, cancelled) from the batch.
 
-So requests join and leave between decode steps. The KV cache layout (one left-padded
+So requests join and leave between decode steps. Every request ends, finished or failed, and gives
+its adapter back to the pool: a row whose logits are not finite, or whose sampling fails, fails
+alone (the batch goes on without it); an error in a whole forward fails the rows of that forward,
+those being admitted included; `shutdown()` fails whatever is still queued, admitted or running.
+A request claims its adapter when it is submitted, so unloading the adapter meanwhile lets the
+queued requests still run with it (see serve/pool.py). The KV cache layout (one left-padded
 DynamicCache, a 2-D mask and per-row positions; merged on join, re-packed on leave) is described in
 `serve/kv.py`; it was chosen over one cache per request because transformers' attention then runs
 once per layer for the whole batch, and over a preallocated static cache because CPU serving here
@@ -40,10 +45,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import DynamicCache
 
@@ -51,11 +55,10 @@ from deltatune.data.tokenize import Prompt, left_pad, prompt_ids, stop_token_ids
 from deltatune.formats.peft import read_lora
 from deltatune.serve.kv import BatchKV, prefill_positions
 from deltatune.serve.lora_batch import RowAdapters
+from deltatune.serve.options import DTYPES, EngineOptions
 from deltatune.serve.pool import AdapterPool, PoolBusyError, UnknownAdapterError, validate_adapter_name
 from deltatune.serve.router import RequestRouter, arrow_router, build_router
-from deltatune.serve.sampling import SamplingParams, TextStream, choose_tokens, make_generator
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from deltatune.serve.sampling import ParamError, SamplingParams, TextStream, choose_tokens, make_generator
 
 
 class EngineOverloadedError(RuntimeError):
@@ -94,6 +97,7 @@ class Request:
     cancelled: bool = False
     slot: int = 0
     last_token: int = -1
+    claimed: bool = False  # holds a claim on `adapter` in the pool (given back when it ends)
     created: float = field(default_factory=time.time)
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -133,29 +137,6 @@ class EngineMetrics:
         return data
 
 
-class EngineOptions(BaseModel):
-    """How an Engine batches and holds adapters: the keyword options of `Engine(...)`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch: int = Field(32, ge=1, description="rows decoded together")
-    max_queue: int = Field(256, ge=1, description="waiting requests before new ones are refused (503)")
-    adapter_budget_bytes: int | None = Field(
-        None, description="adapter weight bytes kept loaded, idle ones evicted LRU-first (default: no limit)"
-    )
-    prepack: bool = Field(True, description="oneDNN-packed linear weights: 2-3x faster on CPU, 2x memory")
-    router_layer: int = Field(4, ge=1, description="decoder blocks a request router runs to pick an adapter")
-    router_examples: int = Field(16, ge=1, description="example prompts per adapter for a router's prototype")
-
-
-class LoadOptions(EngineOptions):
-    """EngineOptions plus how `Engine.from_pretrained` loads the base model (`deltatune serve -o`)."""
-
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="base model dtype")
-    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
-    model_name: str | None = Field(None, description="base model name in the API (default: from its path)")
-
-
 class Engine:
     """Owns the model, the adapter pool and the scheduler loop; `submit` is thread-safe.
 
@@ -192,6 +173,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
+        self._admitting: list[Request] = []  # taken from the queue this turn, not yet running
         self._kv: BatchKV | None = None
         self._cv = threading.Condition()
         self._closing = False
@@ -208,6 +190,7 @@ class Engine:
         dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         model_name: str | None = None,
+        autostart: bool = True,
         **options,
     ) -> Engine:
         """Load the base model and tokenizer (see deltatune.models) and register `adapters`."""
@@ -220,7 +203,7 @@ class Engine:
             dtype = DTYPES[dtype]
         model = load_model(base, dtype=dtype, device=device)
         name = model_name or resolve(base).name
-        return cls(model, load_tokenizer(base), name, adapters, **options)
+        return cls(model, load_tokenizer(base), name, adapters, autostart, **options)
 
     # --- adapters -------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> None:
@@ -300,17 +283,26 @@ class Engine:
     ) -> list[Request]:
         """Queue several requests at once (all or none), so the scheduler can prefill them together."""
         requests = [self._new_request(p, a, s, on_event) for p, a, s in items]
-        with self._cv:
-            if self._closing:
-                raise EngineClosedError("the engine is shutting down")
-            if len(self._waiting) + len(requests) > self.max_queue:
-                self.metrics.requests_rejected += len(requests)
-                raise EngineOverloadedError(
-                    f"the server is overloaded ({len(self._waiting)} requests waiting); retry later"
-                )
-            self._waiting.extend(requests)
-            self.metrics.requests_submitted += len(requests)
-            self._cv.notify()
+        try:
+            for req in requests:  # the adapter stays for these requests even if it is unloaded now
+                if req.adapter is not None:
+                    self.pool.claim(req.adapter)
+                    req.claimed = True
+            with self._cv:
+                if self._closing:
+                    raise EngineClosedError("the engine is shutting down")
+                if len(self._waiting) + len(requests) > self.max_queue:
+                    self.metrics.requests_rejected += len(requests)
+                    raise EngineOverloadedError(
+                        f"the server is overloaded ({len(self._waiting)} requests waiting); retry later"
+                    )
+                self._waiting.extend(requests)
+                self.metrics.requests_submitted += len(requests)
+                self._cv.notify()
+        except BaseException:
+            for req in requests:
+                self._release(req)
+            raise
         return requests
 
     def generate(
@@ -330,11 +322,12 @@ class Engine:
         if adapter is not None and adapter not in self.pool:
             raise UnknownAdapterError(adapter)
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise ParamError("the prompt is empty", "prompt")
         if self.max_model_len is not None and len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(
+            raise ParamError(
                 f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                f"the model's context of {self.max_model_len} tokens"
+                f"the model's context of {self.max_model_len} tokens",
+                "max_tokens",
             )
         req = Request(list(prompt), adapter, params, on_event, router)
         req.stream = TextStream(self.tokenizer, params.stop)
@@ -363,16 +356,18 @@ class Engine:
             self._running_loops -= 1
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the scheduler; requests still waiting or running end with an error event."""
+        """Stop the scheduler; requests still waiting, being admitted or running end with an error."""
         with self._cv:
             self._closing = True
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        for req in [*self._running, *self._waiting]:
+        with self._cv:
+            pending = [*self._running, *self._admitting, *self._waiting]
+            self._running, self._admitting, self._kv = [], [], None
+            self._waiting.clear()
+        for req in pending:
             self._fail(req, "the server is shutting down")
-        self._running, self._kv = [], None
-        self._waiting.clear()
 
     @property
     def alive(self) -> bool:
@@ -396,7 +391,7 @@ class Engine:
                 self._cv.wait(timeout=0.5 if until is None else 0.01)
             if self._closing:
                 return False
-            candidates = self._take_waiting()
+            candidates = self._admitting = self._take_waiting()
         try:
             with torch.inference_mode():
                 group = self._admit(candidates)
@@ -407,10 +402,12 @@ class Engine:
                 elif candidates and not group:
                     time.sleep(0.01)  # everything waits for pool room: do not spin
         except Exception as err:  # noqa: BLE001 - one bad step must not kill the server
-            for req in self._running:
+            for req in [*self._running, *candidates]:  # a request always ends (done ones are skipped)
                 self._fail(req, f"generation failed: {type(err).__name__}: {err}")
             self._running, self._kv = [], None
             self._route_running()
+        finally:
+            self._admitting = []
         return True
 
     def _admissible(self) -> bool:
@@ -463,8 +460,7 @@ class Engine:
         self.metrics.prefill_forwards += 1
         self.metrics.prompt_tokens += int(mask.sum())
         kv = BatchKV(out.past_key_values, mask)
-        tokens = choose_tokens(out.logits[:, -1], [r.params for r in group], [r.generator for r in group])
-        keep = [i for i, (r, t) in enumerate(zip(group, tokens, strict=True)) if self._accept(r, t)]
+        keep = self._next_tokens(group, out.logits[:, -1])
         if keep:
             if len(keep) < len(group):
                 kv.select(keep)
@@ -490,8 +486,7 @@ class Engine:
         kv.advance()
         self.metrics.decode_steps += 1
         self.metrics.batch_sizes[len(rows)] += 1
-        chosen = choose_tokens(out.logits[:, -1], [r.params for r in rows], [r.generator for r in rows])
-        keep = [i for i, (r, t) in enumerate(zip(rows, chosen, strict=True)) if self._accept(r, t)]
+        keep = self._next_tokens(rows, out.logits[:, -1])
         if len(keep) < len(rows):
             self._running = [rows[i] for i in keep]
             if keep:
@@ -504,6 +499,19 @@ class Engine:
         """Point every wrapped layer at the running rows' adapters (under the lock, like forwards)."""
         with self.pool.lock:
             self.routing.set([r.slot for r in self._running])
+
+    def _next_tokens(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Sample and apply each row's next token; the indices of the rows that go on. A row that
+        cannot continue (non-finite logits) fails alone."""
+        tokens, failed = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        keep = []
+        for i, (req, token) in enumerate(zip(rows, tokens, strict=True)):
+            if i in failed:
+                source = f"adapter {req.adapter!r}" if req.adapter else "the base model"
+                self._fail(req, f"generation failed: {failed[i]} with {source}")
+            elif self._accept(req, token):
+                keep.append(i)
+        return keep
 
     def _accept(self, req: Request, token: int) -> bool:
         """Apply one sampled token to a request; False when the request is finished."""
@@ -547,9 +555,13 @@ class Engine:
         req.done.set()
 
     def _release(self, req: Request) -> None:
+        """Give back the request's slot hold and its claim on the adapter (each exactly once)."""
         if req.slot and req.adapter is not None:
             self.pool.release(req.adapter)
             req.slot = 0
+        if req.claimed:
+            req.claimed = False
+            self.pool.unclaim(req.adapter)
 
     @staticmethod
     def _emit(req: Request, event: Event) -> None:

@@ -10,7 +10,16 @@ first; an evicted adapter stays registered and is read back from disk (safetenso
 
 Only LoRA and rsLoRA are served: DoRA and other methods are refused at registration with a message
 naming the adapter's config file. Any target subset and any ranks are fine; a module that no
-resident adapter targeted before is wrapped the first time one does.
+resident adapter targeted before is wrapped the first time one does. An adapter with a NaN or inf
+anywhere (a diverged run's checkpoint) is refused at registration too, naming the tensor: served, it
+would only ever produce non-finite logits.
+
+Unregistering never strands a request. Every request *claims* its adapter when it is accepted
+(`claim`, before it waits in the queue) and gives the claim back when it ends; it *holds* the slot
+(`acquire` / `release`) only while it runs. An adapter unregistered while claimed disappears at once
+for new requests (its name is free to list, unknown to submit), but the requests that claimed it
+still run with it, loading it back if it was evicted; the slot is freed when the last claim ends,
+and until then registering the same name again is refused as "still finishing".
 """
 
 from __future__ import annotations
@@ -18,14 +27,14 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from deltatune.formats import ADAPTER_WEIGHTS, DENSE_CONFIG, FormatError, delta_kind
+from deltatune.formats import ADAPTER_WEIGHTS, COMPRESSED_WEIGHTS, DENSE_CONFIG, FormatError, delta_kind
 from deltatune.formats.peft import LoraFactors, lora_modules, read_adapter
 from deltatune.serve.lora_batch import MultiLoraLinear, RowAdapters, wrap_linear
 from deltatune.serve.row_deltas import RowDeltas
@@ -82,13 +91,17 @@ def read_servable(path: str | Path, rows: RowDeltas) -> Served:
     if kind == "compressed":
         from deltatune.compress.container import compressed_lora
 
-        return compressed_lora(Path(path))
+        modules = compressed_lora(Path(path))
+        factors = {f"{m}.lora_{ab}": getattr(w, ab.lower()) for m, w in modules.items() for ab in "AB"}
+        check_finite(factors, Path(path) / COMPRESSED_WEIGHTS, " (decoded)")
+        return modules
     if kind == "dense":
         raise FormatError(
             f"{Path(path) / DENSE_CONFIG}: a dense delta cannot be batched with other adapters; fold it into "
             f"the base (deltatune export OUT --adapter {path} --merge) and serve OUT as --base"
         )
     adapter = read_adapter(path)
+    check_finite(adapter.tensors, adapter.weights_file)
     if adapter.method.served_per_row:
         return RowServed(rows.load(adapter))
     if not adapter.method.servable:
@@ -97,6 +110,17 @@ def read_servable(path: str | Path, rows: RowDeltas) -> Served:
             "and the routed deltas (arrow, mixlora) can"
         )
     return lora_modules(adapter).modules
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path, note: str = "") -> None:
+    """Refuse NaN/inf weights, naming the first such tensor: they would poison every row they touch."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise FormatError(
+                f"{where}: tensor {key}{note} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
+                "the adapter cannot be served (a diverged run? use an earlier checkpoint)"
+            )
 
 
 def check_fits(model: nn.Module, modules: dict[str, LoraFactors], where: Path) -> None:
@@ -138,7 +162,8 @@ class AdapterPool:
         self.paths: dict[str, Path] = {}
         self.resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self._targets: dict[str, list[str]] = {}
-        self._doomed: set[str] = set()  # unregistered while in use: freed on last release
+        self._claims: Counter[str] = Counter()  # live requests (queued or running) per adapter
+        self._doomed: dict[str, Path] = {}  # unregistered while claimed or held: freed at the last end
         self._next_slot = 1
         self._free_slots: list[int] = []
         self.stats = PoolStats()
@@ -172,15 +197,16 @@ class AdapterPool:
                 self._make_resident(name, modules, nbytes)
 
     def unregister(self, name: str) -> None:
-        """Forget an adapter; running requests that hold it finish first, then its slot is freed."""
+        """Forget an adapter for new requests; those that claimed it (queued or running) still finish
+        with it, and its slot is freed when the last of them ends."""
         with self.lock:
             if name not in self.paths:
                 raise UnknownAdapterError(name)
-            del self.paths[name]
+            path = self.paths.pop(name)
             self.stats.unloads += 1
             entry = self.resident.get(name)
-            if entry is not None and entry.refs > 0:
-                self._doomed.add(name)
+            if self._claims[name] > 0 or (entry is not None and entry.refs > 0):
+                self._doomed[name] = path
             elif entry is not None:
                 self._evict(name)
 
@@ -192,13 +218,30 @@ class AdapterPool:
         return name in self.paths
 
     # --- use by requests ------------------------------------------------------------------------
-    def acquire(self, name: str) -> int:
-        """Hold an adapter for one request and return its slot; loads it from disk if it was evicted."""
+    def claim(self, name: str) -> None:
+        """A request that will use `name` was accepted: keep the adapter until `unclaim`."""
         with self.lock:
-            if name not in self.paths or name in self._doomed:
+            if name not in self.paths:
+                raise UnknownAdapterError(name)
+            self._claims[name] += 1
+
+    def unclaim(self, name: str) -> None:
+        """A request that claimed `name` ended (finished, failed, cancelled, never admitted)."""
+        with self.lock:
+            self._claims[name] -= 1
+            if self._claims[name] <= 0:
+                del self._claims[name]
+                self._free_if_doomed(name)
+
+    def acquire(self, name: str) -> int:
+        """Hold an adapter for one request and return its slot; loads it from disk if it was evicted.
+        An unregistered adapter is still acquirable by the requests that claimed it before."""
+        with self.lock:
+            path = self.paths.get(name) or (self._doomed.get(name) if self._claims[name] else None)
+            if path is None:
                 raise UnknownAdapterError(name)
             if name not in self.resident:
-                self._make_resident(name, *self._read(self.paths[name]))
+                self._make_resident(name, *self._read(path))
             entry = self.resident[name]
             entry.refs += 1
             self.resident.move_to_end(name)
@@ -210,9 +253,7 @@ class AdapterPool:
             if entry is None:
                 return
             entry.refs -= 1
-            if entry.refs == 0 and name in self._doomed:
-                self._doomed.discard(name)
-                self._evict(name)
+            self._free_if_doomed(name)
 
     def used_bytes(self) -> int:
         return sum(e.nbytes for e in self.resident.values())
@@ -230,6 +271,13 @@ class AdapterPool:
             }
 
     # --- internals (called with the lock held) --------------------------------------------------
+    def _free_if_doomed(self, name: str) -> None:
+        entry = self.resident.get(name)
+        if name in self._doomed and not self._claims[name] and (entry is None or entry.refs == 0):
+            del self._doomed[name]
+            if entry is not None:
+                self._evict(name)
+
     def _read(self, path: Path) -> tuple[Served, int]:
         """What a slot of this adapter holds, checked against the model, and its bytes."""
         modules = read_servable(path, self.rows)

@@ -5,6 +5,14 @@ logits by the temperature, keep the smallest set of tokens whose probability rea
 (nucleus sampling), and draw with their own `torch.Generator`, so a request with a seed gives the
 same text whatever else shares its batch.
 
+Any accepted temperature is numerically safe: the row's maximum is subtracted *before* dividing (in
+fp64, where 1e-300 is not 0 as it is in fp32), so the scaled logits are <= 0 with the best token at
+exactly 0, and a tiny temperature (1e-300) sends
+every other token to -inf instead of overflowing to inf/inf = NaN. Such a temperature therefore
+samples the argmax (ties aside), the limit of temperature -> 0. A row whose logits are not finite
+(NaN or inf: a diverged adapter, an overflow in the model) gets an error instead of a token, for
+that row alone; the other rows of the batch are untouched.
+
 Text is produced incrementally: after each token the row's ids are decoded again (cheap for the
 short completions a server returns, and always consistent with a one-shot decode), and only text
 that can no longer change is released: a trailing U+FFFD (a multi-byte character cut in half) and
@@ -17,6 +25,16 @@ import random
 from dataclasses import dataclass
 
 import torch
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+class ParamError(ValueError):
+    """A request parameter the engine cannot honour; `param` names it (the API's 400 says which)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -36,10 +54,11 @@ class SamplingParams:
             "temperature": 0.0 <= self.temperature <= 100.0,
             "top_p": 0.0 < self.top_p <= 1.0,
             "stop": all(isinstance(s, str) and s for s in self.stop),
+            "seed": self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
         }
         bad = next((k for k, ok in checks.items() if not ok), None)
         if bad is not None:
-            raise ValueError(f"invalid {bad}: {getattr(self, bad)!r}")
+            raise ParamError(f"invalid {bad}: {getattr(self, bad)!r}", bad)
 
     @property
     def greedy(self) -> bool:
@@ -62,21 +81,29 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from one row of logits [vocab] under temperature and top-p."""
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)  # generators live on the CPU
-    probs = top_p_filter(probs, params.top_p)
+    """One token from one row of finite logits [vocab] under temperature and top-p."""
+    logits = logits.double().cpu()  # generators live on the CPU; fp64 holds any float temperature
+    scaled = (logits - logits.max()) / params.temperature  # <= 0, best token 0: no inf/inf at tiny T
+    probs = top_p_filter(torch.softmax(scaled, dim=-1).float(), params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def choose_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
-) -> list[int]:
-    """Next token per row of logits [rows, vocab]: one batched argmax, then the sampled rows one by one."""
+) -> tuple[list[int], dict[int, str]]:
+    """Next token per row of logits [rows, vocab]: one batched argmax, then the sampled rows one by one.
+
+    Returns the tokens and, for rows that cannot continue, {row: why}; those rows' tokens are junk."""
     chosen = logits.argmax(-1).tolist()
+    finite = torch.isfinite(logits).all(-1).tolist()
+    failed = {i: "the model's logits are not finite (NaN or inf)" for i, ok in enumerate(finite) if not ok}
     for i, p in enumerate(params):
-        if not p.greedy:
-            chosen[i] = sample_row(logits[i], p, generators[i])
-    return chosen
+        if not p.greedy and i not in failed:
+            try:
+                chosen[i] = sample_row(logits[i], p, generators[i])
+            except RuntimeError as err:  # one row's sampling must not end the batch
+                failed[i] = f"sampling failed: {err}"
+    return chosen, failed
 
 
 def _held_suffix(text: str, stops: tuple[str, ...]) -> int:
