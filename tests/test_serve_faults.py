@@ -166,6 +166,24 @@ def test_poisoned_rows_fail_alone_and_every_request_ends(workdir, tokenizer):
     engine.load_adapter("huge", workdir["adapters"]["huge"])
 
 
+def test_an_interrupted_turn_leaves_no_request_behind(workdir, tokenizer, monkeypatch):
+    """Ctrl-C / SIGTERM lands in the scheduler (serve() runs it on the main thread) while a request
+    is between the queue and the batch: shutdown() still ends it and frees its adapter."""
+    engine = _engine(workdir, tokenizer, ["good-a"], autostart=False)
+    req = engine.submit(engine.chat_prompt(PROMPTS[0]), "good-a", SamplingParams(max_tokens=MAX_TOKENS))
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.pool, "acquire", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    engine.shutdown()
+    assert req.done.is_set() and "shutting down" in req.error
+    engine.unload_adapter("good-a")
+    engine.load_adapter("good-a", workdir["adapters"]["good-a"])  # no claim was left behind
+
+
 def test_unloading_an_adapter_lets_its_queued_requests_finish(workdir, tokenizer):
     engine = _engine(workdir, tokenizer, ["good-a"], max_batch=1, autostart=False)
     prompts = [engine.chat_prompt(p) for p in PROMPTS[:3]]

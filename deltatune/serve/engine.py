@@ -406,8 +406,7 @@ class Engine:
                 self._fail(req, f"generation failed: {type(err).__name__}: {err}")
             self._running, self._kv = [], None
             self._route_running()
-        finally:
-            self._admitting = []
+        self._admitting = []  # not on KeyboardInterrupt: then shutdown() fails them
         return True
 
     def _admissible(self) -> bool:
