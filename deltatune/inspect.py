@@ -142,14 +142,14 @@ def _method_modules(path: Path, base: str | None, top_r: int) -> Iterator[tuple[
 
 def _model_modules(path: Path, base: Path, top_r: int) -> Iterator[tuple[str, ModuleSpectrum]]:
     """A full fine-tune: finetuned - base for every 2-D tensor, one tensor at a time."""
-    from deltatune.formats.hf import ModelFiles, check_compatible
+    from deltatune.formats.hf import ModelFiles, check_compatible, token_indexed
 
     ref, ft = ModelFiles(base), ModelFiles(path)
     check_compatible(ref, [ft], exact=True)
     names = sorted(
         (n.removesuffix(".weight"), n)
         for n, info in ref.tensors.items()
-        if len(info.shape) == 2 and "embed" not in n and "lm_head" not in n
+        if len(info.shape) == 2 and not token_indexed(n)
     )
     with ref.reader() as read_base, ft.reader() as read_ft:
         for module, name in names:

@@ -157,6 +157,10 @@ def test_full_model_merges_from_yaml_apply_the_method_per_tensor(zoo, tmp_path, 
               "ties": {"weight": [1.0, 1.0], "density": [0.5, 0.5]}}.get(method, {})  # fmt: skip
     expected = cfg.spec.fn(base[name], [ft1[name], ft2[name]], **kwargs)
     torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    emb = "model.embed_tokens.weight"  # token rows: the mean update, not an SVD (as fusion-bench's LLM code)
+    if method != "ties":
+        lam = kwargs.get("lam", 1.0)
+        torch.testing.assert_close(merged[emb], base[emb] + lam * (ft1[emb] + ft2[emb] - 2 * base[emb]) / 2)
     if method == "ties":  # KnOTS-TIES is not plain TIES
         assert not torch.allclose(merged[name], ties(base[name], [ft1[name], ft2[name]], **kwargs), atol=1e-4)
 

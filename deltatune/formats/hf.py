@@ -272,6 +272,11 @@ def copy_side_files(source: Path, target: Path, dtype: torch.dtype | None = None
     return copied
 
 
+def token_indexed(name: str) -> bool:
+    """A tensor whose rows are tokens (input embeddings, output head): not a map between spaces."""
+    return "embed" in name or "lm_head" in name or name.endswith(("wte.weight", "wpe.weight"))
+
+
 def check_compatible(reference: ModelFiles, others: Sequence[ModelFiles], exact: bool = False) -> None:
     """Every tensor of the reference exists with the same shape in every other model (a tied
     output embedding may stand for itself); with `exact`, the others hold no tensor besides."""

@@ -117,8 +117,8 @@ class MergeConfig(_Strict):
     @property
     def spec(self) -> MethodSpec:
         spec = METHODS[self.merge_method]
-        if self.knots:  # whole 2-D tensors are aligned by one SVD: no chunked statistics
-            return replace(spec, fn=knots_space(spec.fn), statistics=None)
+        if self.knots:  # 2-D weights are aligned by one SVD, whole; token rows and 1-D ones stream
+            return replace(spec, fn=knots_space(spec.fn), spectral=True)
         return spec
 
     def error(self, loc: Sequence[str | int], message: str) -> MergeConfigError:

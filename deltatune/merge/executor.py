@@ -128,7 +128,8 @@ def _merge_tensor(
         return writer.write(name, reference)
     spec = cfg.spec
     kwargs = method_kwargs(cfg, resolver, name, num_layers)
-    if spec.statistics is None or reference.numel() <= CHUNK_ELEMENTS:
+    as_matrix = spec.spectral and reference.dim() == 2 and kwargs.get("as_matrix", True)
+    if as_matrix or spec.statistics is None or reference.numel() <= CHUNK_ELEMENTS:  # SVDs see it whole
         return writer.write(name, spec.fn(base, tensors, **kwargs).to(out_dtype))
     flat = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1) if base is not None else None

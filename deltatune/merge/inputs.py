@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from deltatune.formats import ADAPTER_CONFIG, MODEL_CONFIG
+from deltatune.formats.hf import token_indexed
 from deltatune.merge.config import MergeConfig, ParameterResolver
 from deltatune.merge.methods import lines_scale
 
@@ -84,6 +85,8 @@ def method_kwargs(
         kwargs["layer_scale"] = lines_scale(layer, num_layers, lines.alpha, lines.beta) if lines else 1.0
     if spec.random:
         kwargs["generator"] = lambda i: seeded_generator(cfg.seed, name, i)
+    if spec.spectral:  # token rows are no linear map: they get the mean update (as fusion-bench's LLM code)
+        kwargs["as_matrix"] = not token_indexed(name)
     return kwargs
 
 

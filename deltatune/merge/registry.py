@@ -67,6 +67,7 @@ class MethodSpec:
     # Depends on the row and column spaces only through rotations (SVD, projections): adapter merges
     # may run it on the coordinates of the deltas in the span of their factors
     rotation_invariant: bool = False
+    spectral: bool = False  # treats 2-D weights as matrices (SVD); receives as_matrix=False for token rows
     learned: bool = False  # coefficients learned on prompts first (adamerging), then `fn` merges
     random: bool = False  # receives generator
     # Whole-tensor statistics that make `fn` elementwise, so it can run chunk by chunk (None: it cannot)
@@ -140,11 +141,13 @@ METHODS: dict[str, MethodSpec] = {
     "model_stock": MethodSpec(
         model_stock, (ParamSpec("filter_wise", False, bool, False),), "arXiv:2403.19522", min_models=2
     ),
-    "tsv": MethodSpec(spectral.tsv_m, (_LAMBDA,), "arXiv:2412.00081", rotation_invariant=True),
-    "iso_c": MethodSpec(spectral.iso_c, (_LAMBDA,), "arXiv:2502.04959", rotation_invariant=True),
+    "tsv": MethodSpec(spectral.tsv_m, (_LAMBDA,), "arXiv:2412.00081", rotation_invariant=True, spectral=True,
+                     statistics=no_statistics),
+    "iso_c": MethodSpec(spectral.iso_c, (_LAMBDA,), "arXiv:2502.04959", rotation_invariant=True, spectral=True,
+                     statistics=no_statistics),
     "iso_cts": MethodSpec(
         spectral.iso_cts, (_LAMBDA, ParamSpec("common_space_fraction", False, float, 0.8, 0.0, 1.0)),
-        "arXiv:2502.04959", rotation_invariant=True,
+        "arXiv:2502.04959", rotation_invariant=True, spectral=True, statistics=no_statistics,
     ),
     "adamerging": MethodSpec(task_arithmetic, (), "arXiv:2310.02575", learned=True),
     "slerp": MethodSpec(slerp, (ParamSpec("t", False, float),), "Shoemake 1985", min_models=1, max_models=1),

@@ -20,8 +20,9 @@ SVDs, projections and polar factors), so a LoRA merge runs them on the small coo
 ΔW_i in the span of the adapters' factors and lifts the result back: exact, and no dense SVD of an
 [out, in] matrix. KnOTS is not (its inner method is elementwise in the V coordinates).
 
-Tensors that are not 2-D (norms, biases) get base + lambda * mean_i d_i, as in the reference code
-(fusion-bench). Difference from fusion-bench, deliberate: spectra are cut at their numerical rank
+Tensors that are not 2-D (norms, biases), and 2-D ones whose rows are tokens (embeddings, output
+head: `as_matrix=False`, set by the executor from the name, as fusion-bench's LLM variant excludes
+them), get base + lambda * mean_i d_i, as in the reference code (fusion-bench). Difference from fusion-bench, deliberate: spectra are cut at their numerical rank
 (singular values at rounding-noise level, σ ≤ σ_max · max(m, n) · eps, are zero). For full-rank task updates this changes
 nothing; for low-rank ones (LoRA products, where most singular values are exactly zero) it keeps
 Iso-C's mean over the directions the tasks actually use instead of spreading it over arbitrary
@@ -46,10 +47,23 @@ def numerical_rank(s: Tensor, shape: Sequence[int]) -> int:
     return int((s > s[0] * max(shape) * torch.finfo(s.dtype).eps).sum())
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD; retried in float64 when LAPACK's float32 routine fails to converge (it does on
+    the near-rank-deficient residuals of Iso-CTS on a 135M model's projections)."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def polar(x: Tensor) -> Tensor:
-    """The closest matrix with orthonormal columns (rows if wide): P Qᵀ from x = P S Qᵀ."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """The closest matrix with orthonormal columns (rows if wide): P Qᵀ from x = P S Qᵀ.
+
+    In float64: the concatenated pieces are often nearly rank-deficient, where float32's SVD can
+    fail to converge (seen on a 135M model's projections)."""
+    p, _, qh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (p @ qh).to(x.dtype)
 
 
 def _mean_update(base: Tensor, deltas: list[Tensor], lam: float) -> Tensor:
@@ -57,19 +71,24 @@ def _mean_update(base: Tensor, deltas: list[Tensor], lam: float) -> Tensor:
 
 
 def tsv_m(
-    base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0, shape: tuple[int, int] | None = None
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    lam: float = 1.0,
+    shape: tuple[int, int] | None = None,
+    as_matrix: bool = True,
 ) -> Tensor:
     """TSV-M: base + lam * U⊥ Σ V⊥ᵀ from each task's top 1/T singular triplets, whitened.
 
     `shape` is the full weight's shape when the inputs are its coordinates in a smaller subspace
     (deltatune.merge.adapters does that for LoRA): the 1/T share is of min(shape)."""
     deltas = task_vectors(base, tensors)
-    if base.dim() != 2:
+    if base.dim() != 2 or not as_matrix:
         return _mean_update(base, deltas, lam)
     keep = max(1, int(min(shape or base.shape) * (1 / len(deltas))))  # fusion-bench's rounding
     us, ss, vhs = [], [], []
     for d in deltas:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = svd(d)
         k = min(keep, numerical_rank(s, d.shape))
         us.append(u[:, :k])
         ss.append(s[:k])
@@ -81,18 +100,23 @@ def tsv_m(
     return base.to(s_cat.dtype) + lam * (u_white * s_cat) @ vh_white
 
 
-def iso_c(base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0) -> Tensor:
+def iso_c(base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0, as_matrix: bool = True) -> Tensor:
     """Iso-C: base + lam * U diag(mean σ) Vᵀ, with U, σ, V from the SVD of Σ_i d_i."""
     deltas = task_vectors(base, tensors)
-    if base.dim() != 2:
+    if base.dim() != 2 or not as_matrix:
         return _mean_update(base, deltas, lam)
-    u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(deltas).sum(dim=0))
     r = numerical_rank(s, base.shape)
     return base.to(s.dtype) + lam * float(s[:r].mean() if r else 0.0) * (u[:, :r] @ vh[:r])
 
 
 def iso_cts(
-    base: Tensor, tensors: Sequence[Tensor], *, lam: float = 1.0, common_space_fraction: float = 0.8
+    base: Tensor,
+    tensors: Sequence[Tensor],
+    *,
+    lam: float = 1.0,
+    common_space_fraction: float = 0.8,
+    as_matrix: bool = True,
 ) -> Tensor:
     """Iso-CTS: the common top subspace of Σ_i d_i plus task-specific directions, isotropic.
 
@@ -101,10 +125,10 @@ def iso_cts(
     the common subspace projected out. The pieces are whitened and all get the mean singular value.
     """
     deltas = task_vectors(base, tensors)
-    if base.dim() != 2:
+    if base.dim() != 2 or not as_matrix:
         return _mean_update(base, deltas, lam)
     n = len(deltas)
-    u, s, vh = torch.linalg.svd(torch.stack(deltas).sum(dim=0), full_matrices=False)
+    u, s, vh = svd(torch.stack(deltas).sum(dim=0))
     r = numerical_rank(s, base.shape)
     if r == 0:
         return base.to(s.dtype).clone()
@@ -113,7 +137,7 @@ def iso_cts(
     u_common = u[:, :common]
     us, ss, vhs = [u_common], [s[:common]], [vh[:common]]
     for d in deltas:
-        u_t, s_t, vh_t = torch.linalg.svd(d - u_common @ (u_common.T @ d), full_matrices=False)
+        u_t, s_t, vh_t = svd(d - u_common @ (u_common.T @ d))
         us.append(u_t[:, :per_task])  # the order of the pieces does not change U⊥ V⊥ᵀ
         ss.append(s_t[:per_task])
         vhs.append(vh_t[:per_task])
@@ -125,7 +149,7 @@ def iso_cts(
 def knots_alignment(deltas: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
     """U, Σ and the per-task V_iᵀ of [d_1 … d_T] = U Σ [V_1ᵀ … V_Tᵀ] (numerical rank kept)."""
     concat = torch.cat(list(deltas), dim=1)
-    u, s, vh = torch.linalg.svd(concat, full_matrices=False)
+    u, s, vh = svd(concat)
     r = numerical_rank(s, concat.shape)
     return u[:, :r], s[:r], list(torch.split(vh[:r], deltas[0].shape[1], dim=1))
 
@@ -139,8 +163,8 @@ def knots_space(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     V ↦ U Σ V is linear), which the tests check.
     """
 
-    def merged(base: Tensor, tensors: Sequence[Tensor], **kwargs) -> Tensor:
-        if base.dim() != 2:
+    def merged(base: Tensor, tensors: Sequence[Tensor], as_matrix: bool = True, **kwargs) -> Tensor:
+        if base.dim() != 2 or not as_matrix:
             return fn(base, tensors, **kwargs)
         u, s, vhs = knots_alignment(task_vectors(base, tensors))
         if s.numel() == 0:
