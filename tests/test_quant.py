@@ -2,8 +2,6 @@
 against a dense one, training and resuming over NF4, PEFT interop, merged export, bad input."""
 
 import json
-import signal
-import time
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from deltatune.quant import (
     parameter_count,
     quantize_model,
 )
-from tests.test_train import FAST, _adapter, _cli, _flags
+from tests.test_train import FAST, _flags, assert_sigkill_resume_matches_uninterrupted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -196,12 +194,7 @@ def test_peft_on_a_bitsandbytes_4bit_base_matches_ours(tmp_path, tiny_dir, input
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
 
-    torch.manual_seed(0)
-    model = deltatune.add_delta(AutoModelForCausalLM.from_pretrained(tiny_dir), "lora", lora_r=4)
-    with torch.no_grad():
-        for p in deltatune.deltas.named_delta_parameters(model).values():
-            p.add_(0.05 * torch.randn_like(p))
-    deltatune.save_delta(model, tmp_path / "a")
+    _random_lora(tiny_dir, tmp_path / "a", seed=0)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -223,25 +216,19 @@ def test_peft_on_a_bitsandbytes_4bit_base_matches_ours(tmp_path, tiny_dir, input
     assert (mine - dense).abs().max() > 1e-2  # the base really is quantized on both sides
 
 
+def _random_lora(tiny_dir, out, seed: int) -> None:
+    """A rank-4 LoRA on the tiny model with nonzero B (a fresh one is a no-op), saved to `out`."""
+    torch.manual_seed(seed)
+    model = deltatune.add_delta(AutoModelForCausalLM.from_pretrained(tiny_dir), "lora", lora_r=4)
+    with torch.no_grad():
+        for p in deltatune.deltas.named_delta_parameters(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    deltatune.save_delta(model, out)
+
+
 def test_sigkill_then_resume_over_nf4_matches_uninterrupted(tmp_path, tiny_dir):
-    base = _flags(dict(FAST, model=tiny_dir, max_steps=12, save_every=2, quantize="nf4"))
-    ref = _cli(*base, "--output", tmp_path / "ref")
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
-    victim = _cli(*base, "--output", tmp_path / "cut")
-    deadline = time.time() + 300
-    while not list((tmp_path / "cut" / "checkpoints").glob("step-000004")) and time.time() < deadline:
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert not (tmp_path / "cut" / "summary.json").exists(), "the run was killed before it finished"
-    resumed = _cli(*base, "--output", tmp_path / "cut", "--resume", "true")
-    log = resumed.stdout.read()
-    assert resumed.wait(timeout=300) == 0, log
-    assert "resumed from" in log
-    ref_w, cut_w = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
-    assert ref_w.keys() == cut_w.keys()
-    for k, v in ref_w.items():
-        torch.testing.assert_close(cut_w[k], v, atol=1e-6, rtol=0)
+    flags = _flags(dict(FAST, model=tiny_dir, max_steps=12, save_every=2, quantize="nf4"))
+    assert_sigkill_resume_matches_uninterrupted(tmp_path, flags, "step-000004")
 
 
 # --- export over a quantized base ---------------------------------------------------------------------
@@ -251,12 +238,7 @@ def test_sigkill_then_resume_over_nf4_matches_uninterrupted(tmp_path, tiny_dir):
 def test_merged_export_over_a_quantized_base_merges_into_the_dequantized_weights(
     quantize, tmp_path, tiny_dir
 ):
-    torch.manual_seed(1)
-    model = deltatune.add_delta(AutoModelForCausalLM.from_pretrained(tiny_dir), "lora", lora_r=4)
-    with torch.no_grad():
-        for p in deltatune.deltas.named_delta_parameters(model).values():
-            p.add_(0.05 * torch.randn_like(p))
-    deltatune.save_delta(model, tmp_path / "a")
+    _random_lora(tiny_dir, tmp_path / "a", seed=1)
     res = CliRunner().invoke(
         app,
         ["export", str(tmp_path / "m"), "--model", str(tiny_dir), "--adapter", str(tmp_path / "a"), "--merge",

@@ -209,26 +209,33 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir):
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
-    base = _flags(dict(FAST, model=tiny_dir, max_steps=16, save_every=2, lora_dropout=0.1))
-    ref = _cli(*base, "--output", tmp_path / "ref")
+def assert_sigkill_resume_matches_uninterrupted(tmp_path, flags: list[str], kill_after: str) -> None:
+    """Train `flags` to the end; train again, SIGKILL once checkpoint `kill_after` exists, resume:
+    the resumed adapter must equal the uninterrupted one."""
+    ref = _cli(*flags, "--output", tmp_path / "ref")
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
-    victim = _cli(*base, "--output", tmp_path / "cut")
+    victim = _cli(*flags, "--output", tmp_path / "cut")
     deadline = time.time() + 300
-    while not list((tmp_path / "cut" / "checkpoints").glob("step-000006")) and time.time() < deadline:
+    while not list((tmp_path / "cut" / "checkpoints").glob(kill_after)) and time.time() < deadline:
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (tmp_path / "cut" / "summary.json").exists(), "the run was killed before it finished"
 
-    resumed = _cli(*base, "--output", tmp_path / "cut", "--resume", "true")
+    resumed = _cli(*flags, "--output", tmp_path / "cut", "--resume", "true")
     log = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, log
     assert "resumed from" in log
     ref_w, cut_w = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
+    assert ref_w.keys() == cut_w.keys()
     for k, v in ref_w.items():
         torch.testing.assert_close(cut_w[k], v, atol=1e-6, rtol=0)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_dir):
+    flags = _flags(dict(FAST, model=tiny_dir, max_steps=16, save_every=2, lora_dropout=0.1))
+    assert_sigkill_resume_matches_uninterrupted(tmp_path, flags, "step-000006")
 
 
 def test_ddp_two_processes_match_single_process(tmp_path, tiny_dir):
