@@ -5,6 +5,7 @@ The public API is a handful of verbs over one object, the delta:
     model = deltatune.load("default", adapter="runs/x/adapter")   # a transformers model + delta
     model = deltatune.add_delta(model, "lora", lora_r=16)          # attach a fresh delta
     deltatune.train(config)                                        # the training loop
+    deltatune.select("data.jsonl", "out.jsonl", budget=0.25)       # keep the records worth training on
     deltatune.save_delta(model, "out/")                            # PEFT-format adapter dir
     plain = deltatune.merge_delta(model)                           # fold ΔW into the base weights
 """
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __version__ = "0.1.0"
-__all__ = ["add_delta", "disable_delta", "load", "merge_delta", "save_delta", "train"]
+__all__ = ["add_delta", "disable_delta", "load", "merge_delta", "save_delta", "select", "train"]
 
 # Imported on first use, so `deltatune --help` and `import deltatune` do not pay for torch.
 _LAZY = {
@@ -28,14 +29,15 @@ _LAZY = {
     "disable_delta": "deltatune.deltas",
     "save_delta": "deltatune.formats.peft",
 }
-# `deltatune.train(config)` is the train/ package itself, which is callable (see its docstring).
+# `deltatune.train(config)` and `deltatune.select(...)` are the train/ and select/ packages
+# themselves, which are callable (see their docstrings).
 
 
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name == "train":
-        return importlib.import_module("deltatune.train")
+    if name in ("train", "select"):
+        return importlib.import_module(f"deltatune.{name}")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'deltatune' has no attribute {name!r}")

@@ -134,7 +134,7 @@ def with_keys_help(extra: Callable[[list[str]], str]) -> type[TyperCommand]:
     return Command
 
 
-from deltatune.cli import train, infer, deltas, inspect, route, serve  # noqa: E402, F401, I001  (registration order = help order)
+from deltatune.cli import train, infer, select, deltas, inspect, route, serve  # noqa: E402, F401, I001  (registration order = help order)
 
 
 def main() -> None:
