@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from deltatune.deltas import METHODS, DeltaConfig, get_method
+from deltatune.select.options import SelectConfig
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,9 @@ class TrainConfig(BaseModel):
     train_samples: int = Field(3000, ge=1, description="samples generated from the task")
     eval_samples: int = Field(100, ge=0, description="eval items (0: no eval on a task, all of eval_data)")
     train_on_prompt: bool = Field(False, description="loss on prompt tokens too, not only the answer")
+    select: SelectConfig | None = Field(
+        None, description="select the training records first: {budget, strategy, options} (deltatune select)"
+    )
     output: str | None = Field(None, description="run directory (default: runs/<time>-<method>)")
     # optimisation
     learning_rate: float = Field(2e-3, gt=0, description="peak AdamW learning rate")

@@ -206,7 +206,11 @@ def build_data(cfg: TrainConfig, tokenizer):
     from deltatune.data import DataError, load_samples, pack, task_samples
     from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task
 
-    if cfg.data:
+    if cfg.select is not None:  # `deltatune select` on the training records first (select/)
+        from deltatune.select import training_samples
+
+        train = training_samples(cfg, tokenizer)
+    elif cfg.data:
         train = load_samples(cfg.data, tokenizer, cfg.train_on_prompt)
     else:
         train = task_samples(cfg.task, "train", cfg.train_samples, tokenizer, seed=cfg.seed)
