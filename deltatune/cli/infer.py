@@ -80,16 +80,99 @@ def evaluate(
     seed: int = 0,
     max_new_tokens: int = 32,
     quantize: QuantizeOpt = "none",
+    perplexity: Annotated[
+        Path | None,
+        typer.Option("--perplexity", help="held-out text or chat file: perplexity of its targets"),
+    ] = None,
+    forgetting: Annotated[
+        bool,
+        typer.Option(
+            "--forgetting", help="KL from the base on general text, exact match of the base's general answers"
+        ),
+    ] = False,
+    calibration: Annotated[
+        bool,
+        typer.Option(
+            "--calibration", help="ECE of the answers' first-token probability (with --task/--data)"
+        ),
+    ] = False,
+    reliability_plot: Annotated[
+        Path | None,
+        typer.Option("--reliability-plot", help="write the reliability diagram PNG (with --calibration)"),
+    ] = None,
 ) -> None:
-    """Exact match of greedy answers on a built-in task's test split or an eval file."""
+    """Exact match of greedy answers on a built-in task's test split or an eval file; optionally what
+    fine-tuning cost: perplexity, forgetting and calibration (one line each)."""
+    from deltatune.train import cost
     from deltatune.train.evaluate import eval_items_from_file, eval_items_from_task, exact_match_score
 
-    if (task is None) == (data is None):
-        fail("give exactly one of --task or --data")
-    items = eval_items_from_task(task, n, seed=seed) if task else eval_items_from_file(data)[:n]
+    if task is not None and data is not None:
+        fail("give only one of --task or --data")
+    if task is None and data is None and perplexity is None and not forgetting:
+        fail("give --task or --data (exact match), --perplexity FILE or --forgetting")
+    if calibration and task is None and data is None:
+        fail("--calibration scores the answers of --task or --data; give one of them")
+    if reliability_plot is not None and not calibration:
+        fail("--reliability-plot needs --calibration")
+    items = None
+    if task or data:
+        items = eval_items_from_task(task, n, seed=seed) if task else eval_items_from_file(data)[:n]
+    if perplexity is not None:
+        from deltatune.data import load_samples
+
+        load_samples(perplexity, _load_tokenizer(model))  # a bad file fails before the model loads
     lm, tok = _load(model, adapter, quantize)
-    result = exact_match_score(lm, tok, items, max_new_tokens=max_new_tokens)
-    typer.echo(f"exact match: {100 * result['exact_match']:.1f}% of {result['n']}")
+    if items is not None:
+        result = exact_match_score(lm, tok, items, max_new_tokens=max_new_tokens)
+        typer.echo(f"exact match: {100 * result['exact_match']:.1f}% of {result['n']}")
+        if calibration:
+            ece = cost.expected_calibration_error(result["confidence"], result["correct"])
+            where = ""
+            if reliability_plot is not None:
+                cost.plot_reliability(
+                    {f"ECE {ece:.3f}": cost.reliability_bins(result["confidence"], result["correct"])},
+                    reliability_plot,
+                )
+                where = f"; reliability diagram: {reliability_plot}"
+            typer.echo(
+                f"calibration: ECE {ece:.4f} over {result['n']} answers (first-token probability vs exact "
+                f"match, {cost.BINS} bins){where}"
+            )
+    if perplexity is not None:
+        ppl = cost.perplexity(lm, tok, perplexity)
+        typer.echo(f"perplexity on {perplexity}: {ppl['perplexity']:.4g} over {ppl['tokens']} target tokens")
+    if forgetting:
+        _forgetting(lm, tok, model, adapter, quantize)
+
+
+def _load_tokenizer(model: str):
+    from deltatune.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _forgetting(lm, tok, model: str, adapter: Path | None, quantize: str) -> None:
+    """Against the base: the same model with the delta switched off, or (a delta added into the
+    weights: dense, compressed) the base loaded beside it."""
+    from deltatune.formats import delta_kind
+    from deltatune.train import cost
+
+    base = None
+    if adapter is not None and delta_kind(adapter) != "adapter":
+        base, _ = _load(model, None, quantize)
+    dtype = next(lm.parameters()).dtype
+    cache = cost.answer_cache_path(model, dtype, quantize)
+    questions = cost.general_questions()
+    references = cost.base_answers(lm, tok, questions, base=base, cache=cache)
+    kl = cost.forgetting_kl(lm, tok, base=base)
+    typer.echo(
+        f"forgetting: KL(base || tuned) {kl['kl']:.4g} nats/token over {kl['tokens']} general-text tokens"
+    )
+    general = cost.general_exact_match(lm, tok, references, questions)
+    typer.echo(
+        f"forgetting: general exact match {100 * general['exact_match']:.1f}% of {general['n']} "
+        "(tuned answers equal to the base's own greedy answers)"
+    )
 
 
 @command()

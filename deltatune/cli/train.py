@@ -50,7 +50,8 @@ def train(ctx: typer.Context) -> None:
             f"\ntrained {summary['trainable_params']:,} of {summary['total_params']:,} parameters "
             f"({summary['trainable_percent']:.2f}%) at {summary['tokens_per_second']:,.0f} tokens/s"
         )
-        for name, res in summary["eval"].items():
-            before = "n/a" if res["before"] is None else f"{100 * res['before']:.1f}%"
-            typer.echo(f"exact match on {name}: base {before} -> fine-tuned {100 * res['after']:.1f}%")
+        from deltatune.train.report import eval_lines
+
+        for line in eval_lines(summary["eval"]):  # exact match per eval set, then the cost metrics
+            typer.echo(line)
         typer.echo(f"run directory: {summary['output']}")

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from deltatune.deltas import METHODS, DeltaConfig, get_method
 from deltatune.select.options import SelectConfig
@@ -69,6 +78,30 @@ class TrainConfig(BaseModel):
         "fresh when it has none",
     )
     eval_max_new_tokens: int = Field(24, ge=1, description="greedy tokens per answer for exact match")
+    # what fine-tuning cost (train/cost.py) and a remedy (train/rehearsal.py)
+    cost_metrics: bool = Field(
+        True,
+        description="before/after also: forgetting (KL from the base on general text, exact match of the "
+        "base's answers to general questions), ECE of the eval answers, eval-split perplexity",
+    )
+    perplexity_data: str | None = Field(
+        None, description="held-out file for perplexity before/after (default: the eval split)"
+    )
+    rehearsal: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of each step's target tokens that are the base model's own answers to "
+        "general prompts, in rows of their own (self-rehearsal against forgetting; 0: off)",
+    )
+    rehearsal_prompts: str | None = Field(
+        None, description="prompts file for rehearsal (default: the shipped general prompts)"
+    )
+    rehearsal_max_new_tokens: int = Field(
+        128,
+        ge=1,
+        description="greedy tokens per rehearsal answer; one cut off there has no end-of-turn target",
+    )
     # method-specific keys, validated against the method's own config class
     method_args: dict[str, Any] = Field(default_factory=dict, exclude=True)
 
@@ -79,6 +112,14 @@ class TrainConfig(BaseModel):
         if self.data is None and self.task is None:
             self.task = "reversal"
         return self
+
+    @field_validator("rehearsal_prompts", "rehearsal_max_new_tokens")
+    @classmethod
+    def _needs_rehearsal(cls, value: Any, info: ValidationInfo) -> Any:
+        default = cls.model_fields[info.field_name].default
+        if value != default and not info.data.get("rehearsal"):
+            raise PydanticCustomError("needs_rehearsal", "only applies with rehearsal > 0")
+        return value
 
     def delta_config(self) -> DeltaConfig:
         return get_method(self.method).config_class(**self.method_args)

@@ -50,6 +50,9 @@ from deltatune.formats.peft import save_delta
 from deltatune.models import load_model, load_tokenizer
 from deltatune.train import resume
 from deltatune.train.config import TrainConfig, build_config
+from deltatune.train.cost import RunEvaluation
+from deltatune.train.rehearsal import Rehearsal
+from deltatune.train.report import write_report
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,22 +236,11 @@ def build_data(cfg: TrainConfig, tokenizer):
     return train_rows, (eval_rows if eval_rows is not None and eval_rows.stats.rows else None), items
 
 
-def exact_match(model, tokenizer, items: dict, cfg: TrainConfig, autocast: dict) -> dict[str, float]:
-    from deltatune.train.evaluate import exact_match_score
-
-    model.eval()
-    with torch.no_grad(), torch.autocast(**autocast):
-        return {
-            name: exact_match_score(model, tokenizer, its, cfg.eval_max_new_tokens)["exact_match"]
-            for name, its in items.items()
-        }
-
-
 @torch.no_grad()
 def eval_loss(loss_fn: CausalLMLoss, rows, batch_size: int, device: torch.device, autocast: dict) -> float:
     loss_fn.model.eval()
     total, count = 0.0, 0
-    for i in range(0, rows.input_ids.shape[0], batch_size):
+    for i in tqdm(range(0, rows.input_ids.shape[0], batch_size), desc="eval loss", unit="batch", leave=False):
         batch = [t[i : i + batch_size].to(device) for t in (rows.input_ids, rows.position_ids, rows.labels)]
         with torch.autocast(**autocast):
             total += loss_fn(*batch).item()
@@ -291,6 +283,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     train_rows, eval_rows, items = build_data(cfg, tokenizer)  # bad data fails before anything is written
+    evaluation = RunEvaluation(cfg, tokenizer, items, eval_rows)  # reads perplexity_data
+    rehearsing = Rehearsal(cfg) if cfg.rehearsal else None  # reads the rehearsal prompts
     fingerprint = resume.data_fingerprint(train_rows.input_ids, train_rows.labels)
     if resume_from is not None:
         resume.check_data(resume_from, fingerprint)
@@ -306,9 +300,11 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     )
     attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
 
-    before = (
-        exact_match(model, tokenizer, items, cfg, autocast) if is_main and items and not resume_from else {}
-    )
+    before = evaluation.before(model, autocast) if is_main and not resume_from else {}
+    mix = None  # rehearsal: the base model's own answers, in rows of their own (train/rehearsal.py)
+    if rehearsing is not None:
+        mix = rehearsing.mix(model, tokenizer, train_rows, out, resume_from, rank)
+        train_rows = mix.rows
 
     base_params = quant.parameter_count(model)  # a quantized weight counts as the dense one it stands for
     base_bytes = quant.base_weight_bytes(model)
@@ -332,6 +328,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     if is_main:  # every check has passed: the run directory is written from here on
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.to_dict())
+        if mix is not None:
+            mix.save(out)
         resume.truncate_metrics(metrics_file, start_step)
         resume.clear_unconfirmed(out, rank)
     train_module = loss_fn
@@ -350,7 +348,11 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
-        idx = rows_for_step(step, train_rows.input_ids.shape[0], rows_per_step, cfg.seed)
+        idx = (
+            rows_for_step(step, train_rows.input_ids.shape[0], rows_per_step, cfg.seed)
+            if mix is None
+            else mix.rows_for_step(step, rows_per_step, cfg.seed)
+        )
         mine = idx[rank * cfg.batch_size * cfg.grad_accum : (rank + 1) * cfg.batch_size * cfg.grad_accum]
         # every rank knows the step's global rows, so the token counts need no communication
         step_targets = int((train_rows.labels[idx][:, 1:] != -100).sum())
@@ -426,6 +428,8 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
                 "eval_before": before,
                 "data_fingerprint": fingerprint,
             }
+            if mix is not None:
+                state["rehearsal_fingerprint"] = mix.fingerprint
             pending = resume.save(out, model, optimizer, state, rank, world)  # confirmed by step + 1
     bar.close()
 
@@ -435,7 +439,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         final_eval_loss = (
             eval_loss(loss_fn, eval_rows, cfg.batch_size, device, autocast) if eval_rows else None
         )
-        after = exact_match(model, tokenizer, items, cfg, autocast) if items else {}
+        after = evaluation.after(model, autocast, before, final_eval_loss)
         if final_eval_loss is not None:
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, "eval_loss": final_eval_loss}) + "\n")
@@ -459,7 +463,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "peak_memory_bytes": peak_memory_bytes(device),
             "final_loss": last_loss,
             "eval_loss": final_eval_loss,
-            "eval": {name: {"before": before.get(name), "after": after[name]} for name in after},
+            "eval": evaluation.table(before, after),
             "precision": "bf16" if use_bf16 else "fp32",
             "quantize": cfg.quantize,
             "base_weight_bytes": base_bytes["total"],
@@ -470,6 +474,10 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         }
         if report:
             summary["delta_report"] = report
+        if mix is not None:
+            summary["rehearsal"] = mix.summary(step, rows_per_step, cfg.seed)
+        evaluation.write(out, before, after)  # reliability.png, general_answers.json
+        write_report(out, summary)
         write_json(out / "summary.json", summary)
     if world > 1:
         dist.barrier()
