@@ -265,8 +265,10 @@ def _quality(state: _State, model, tokenizer) -> None:
     ranked = []
     for i, entry in zip(alive, computed, strict=True):
         state.sel.scores[i] = entry
-        if entry.get(key) is None:
+        if entry["loss_with_prompt"] is None:
             state.drop(i, "no_answer_within_max_length", f"no answer token within max_length {o.max_length}")
+        elif entry.get(key) is None:  # a zero answer-alone loss: the ratio is undefined
+            state.drop(i, "score_undefined", f"{key} undefined")
         elif key == "ifd" and entry["ifd"] > o.ifd_max:
             state.drop(i, f"ifd>{o.ifd_max:g}", f"ifd>{o.ifd_max:g}")
         else:
@@ -427,11 +429,9 @@ def training_samples(cfg, tokenizer) -> list:
         generated = examples(cfg.task, "train", cfg.train_samples, seed=cfg.seed)
         pairs = [({"messages": ex.messages()}, f"task {cfg.task}[{i}]") for i, ex in enumerate(generated)]
     block = cfg.select
-    options = (
-        block.options
-        if block.options.model is not None
-        else block.options.model_copy(update={"model": cfg.model})
-    )
+    follow = {"model": cfg.model} if block.options.model is None else {}  # unset: the run's own
+    follow |= {k: getattr(cfg, k) for k in ("device", "precision") if getattr(block.options, k) == "auto"}
+    options = block.options.model_copy(update=follow)
     sel = select_records(pairs, block.budget, block.strategy, options)
     counts = ", ".join(f"{k} {v}" for k, v in sel.counts().items() if k != "kept")
     print(f"select: kept {len(sel.kept)} of {len(pairs)} records" + (f" ({counts})" if counts else ""))
