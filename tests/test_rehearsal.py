@@ -2,7 +2,10 @@
 cache and resume, on tiny random models."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -176,3 +179,35 @@ def test_bad_rehearsal_prompts_fail_before_anything_is_written(tiny_dir, tmp_pat
     assert not out.exists()
     with pytest.raises(ConfigError, match="rehearsal_prompts.*only applies with rehearsal > 0"):
         build_config(dict(RUN, rehearsal=0.0, rehearsal_prompts=str(prompts)))
+
+
+def test_ddp_ranks_train_on_rank_zero_answers_like_one_process(tiny_dir, tmp_path):
+    """Rank 0 generates and broadcasts the answers; two processes equal one with grad_accum 2."""
+    flags = [
+        x
+        for k, v in dict(RUN, model=tiny_dir, max_steps=4, grad_accum=1).items()
+        for x in (f"--{k.replace('_', '-')}", str(v))
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "deltatune", "train", *flags]
+    one = subprocess.run(
+        [*run, "--grad-accum", "2", "--output", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stdout + one.stderr
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    two = subprocess.run(
+        [*ddp, "-m", "deltatune", "train", *flags, "--output", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("one", "two"))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "one" / REHEARSAL_FILE).read_text() == (tmp_path / "two" / REHEARSAL_FILE).read_text()

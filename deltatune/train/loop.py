@@ -16,6 +16,11 @@ Gradient accumulation normalises by the real number of target tokens in the whol
 (summed over micro-batches and DDP ranks), so the result does not depend on how the step is split.
 That is also what makes DDP training equal single-process training at the same global batch.
 
+The "before" and "after" evaluations are cost.RunEvaluation: exact match per eval set and, with
+`cost_metrics`, what the fine-tuning cost (perplexity, forgetting, calibration); they end in
+summary.json's `eval` table and report.md. `rehearsal` adds the base model's own answers to general
+prompts as rows of their own, a set share of every step (rehearsal.py).
+
 Nothing is written into the run directory before every check has passed (`resume.plan`, the data,
 the model, the checkpoint). A checkpoint is "good" only once its state has proved itself: the
 parameters and AdamW moments are checked finite after every optimizer step, and a checkpoint written
