@@ -40,11 +40,16 @@ def k_center_greedy(points: np.ndarray, k: int, start: int | list[int] = 0) -> l
     return chosen
 
 
-def assign(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """For each point, the index of its nearest center (Euclidean)."""
+def assign(points: np.ndarray, centers: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """For each point, the index of its nearest center (Euclidean), `chunk` points at a time so the
+    distance matrix stays small (10k records x 2.5k centers would be 200 MB at once)."""
     x, c = np.asarray(points, dtype=np.float64), np.asarray(centers, dtype=np.float64)
-    d = (x * x).sum(1)[:, None] + (c * c).sum(1)[None] - 2.0 * x @ c.T
-    return np.argmin(d, axis=1)
+    c_sq = (c * c).sum(1)[None]
+    out = np.empty(len(x), dtype=np.int64)
+    for i in range(0, len(x), chunk):
+        part = x[i : i + chunk]
+        out[i : i + chunk] = np.argmin((part * part).sum(1)[:, None] + c_sq - 2.0 * part @ c.T, axis=1)
+    return out
 
 
 def kmeans_sample(points: np.ndarray, k: int, seed: int = 0) -> tuple[list[int], np.ndarray]:

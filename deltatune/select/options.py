@@ -51,8 +51,12 @@ class SelectOptions(BaseModel):
     )
     max_length: int = Field(512, ge=8, description="tokens per scored sequence (longer ones are cut)")
     batch_size: int = Field(32, ge=1, description="sequences per forward when scoring")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported")
-    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, ...")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 where supported (in a train config: its precision)"
+    )
+    device: str = Field(
+        "auto", description="auto: cuda when available, else cpu (in a train config: its device)"
+    )
     # diversity
     diversity: Literal["kcenter", "kmeans"] = Field("kcenter", description="diversity sampler")
     pool: float = Field(
