@@ -65,7 +65,9 @@ def chat(
         if not line:
             break
         history.append({"role": "user", "content": line})
-        reply = gen(lm, tok, [history], max_new_tokens=max_new_tokens)[0]
+        reply = gen(lm, tok, [history], max_new_tokens=max_new_tokens, progress=False)[
+            0
+        ]  # the reply shows it
         history.append({"role": "assistant", "content": reply})
         typer.echo(f"bot> {reply}")
 
