@@ -8,6 +8,7 @@ file is written: an unknown key or a bad value gets one message naming the key a
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,11 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="packed rows per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_seq_len: int = Field(512, ge=8, description="tokens per packed row; longer samples are truncated")
+    packing: Literal["shuffled", "longest_first"] = Field(
+        "shuffled",
+        description="sample order when filling rows: shuffled (rows are random mixes; generalises better) "
+        "or longest_first (best-fit decreasing: ~1% denser, rows of one kind)",
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
     # execution
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported")
@@ -64,6 +70,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, slower")
     quantize: Literal["none", "nf4", "int8"] = Field(
         "none", description="store the frozen base's linear weights as nf4 or int8 (QLoRA-style)"
+    )
+    fsdp: bool = Field(
+        False,
+        description="shard base and delta across the torchrun processes (FSDP2) instead of replicating "
+        "them (DDP); needs 2+ processes",
     )
     loss_chunk_tokens: int = Field(1024, ge=16, description="tokens per chunk of the LM head and loss")
     seed: int = Field(0, description="seed for data, initialisation and dropout")
@@ -109,6 +120,8 @@ class TrainConfig(BaseModel):
     def _check_method(self) -> TrainConfig:
         require_trainable(self.method)
         require_quantizable(self.method, self.quantize)
+        if self.fsdp:
+            require_fsdp(self.quantize)
         if self.data is None and self.task is None:
             self.task = "reversal"
         return self
@@ -147,6 +160,25 @@ def require_quantizable(method_name: str, quantize: str, source: str = "") -> No
         raise ConfigError(f"{source}config key 'quantize': {str(err).removeprefix('quantize: ')}") from None
 
 
+def require_fsdp(quantize: str, source: str = "") -> None:
+    """Refuse `fsdp: true` where it cannot shard: a single process (nothing to shard across; training
+    unsharded instead would hide that the memory saving asked for is not there), or a quantized base
+    (its codes are plain attributes, not parameters, so FSDP would replicate them on every rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise ConfigError(
+            f"{source}config key 'fsdp': needs 2 or more processes (launch with torchrun "
+            "--nproc_per_node N -m deltatune train ...); this is a single process, so there is "
+            "nothing to shard across"
+        )
+    if quantize != "none":
+        raise ConfigError(
+            f"{source}config key 'quantize': {quantize} does not combine with fsdp (the quantized "
+            "codes are not parameters, so FSDP would replicate them on every rank rather than shard "
+            "them); use quantize none with fsdp, or DDP (no --fsdp) over the quantized base"
+        )
+
+
 def _method_keys() -> set[str]:
     return {k for m in METHODS.values() for k in m.config_class.model_fields}
 
@@ -170,6 +202,8 @@ def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
     require_trainable(method_name, source)
     if isinstance(values.get("quantize"), str):
         require_quantizable(method_name, values["quantize"], source)
+    if values.get("fsdp") is True:
+        require_fsdp(str(values.get("quantize", "none")), source)
     method_fields = get_method(method_name).config_class.model_fields
     core = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
     method_args = {k: v for k, v in values.items() if k in method_fields}

@@ -53,7 +53,7 @@ from deltatune.deltas.base import aux_loss
 from deltatune.formats import write_json
 from deltatune.formats.peft import save_delta
 from deltatune.models import load_model, load_tokenizer
-from deltatune.train import resume
+from deltatune.train import fsdp, resume
 from deltatune.train.config import TrainConfig, build_config
 from deltatune.train.cost import RunEvaluation
 from deltatune.train.rehearsal import Rehearsal
@@ -84,7 +84,8 @@ def nonfinite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> str |
                 tensors.append((f"{n} (optimizer {key})", value))
     if not tensors:
         return None
-    finite = torch.stack([t.detach().isfinite().all() for _, t in tensors])
+    finite = torch.stack([fsdp.local(t).detach().isfinite().all() for _, t in tensors])
+    finite = fsdp.all_ranks_true(finite, model)  # FSDP: each rank checked its own shards
     if bool(finite.all()):  # one device sync for all of them
         return None
     return tensors[int((~finite).nonzero()[0, 0])][0]
@@ -231,7 +232,7 @@ def build_data(cfg: TrainConfig, tokenizer):
         items[cfg.task] = eval_items_from_task(cfg.task, cfg.eval_samples, seed=cfg.seed)
     pad = tokenizer.pad_token_id
     eval_rows = pack(eval_samples, cfg.max_seq_len, pad) if eval_samples else None
-    train_rows = pack(train, cfg.max_seq_len, pad)
+    train_rows = pack(train, cfg.max_seq_len, pad, order=cfg.packing, seed=cfg.seed)
     if train_rows.stats.rows == 0:  # every sample lost all its target tokens to truncation
         source = cfg.data or f"task {cfg.task}"
         raise DataError(
@@ -301,7 +302,10 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "dropped (no target token left after truncation)"
         )
     model = load_model(
-        cfg.model, dtype=torch.bfloat16 if use_bf16 else torch.float32, device=device, quantize=cfg.quantize
+        cfg.model,
+        dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        device=fsdp.LOAD_DEVICE if cfg.fsdp else device,
+        quantize=cfg.quantize,
     )
     attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
 
@@ -318,8 +322,10 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         p.data = p.data.float()  # trainable weights stay fp32 even on a bf16 base
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     loss_fn = CausalLMLoss(model, cfg.loss_chunk_tokens)
+    if cfg.fsdp:  # before the optimizer: sharding replaces the parameters (train/fsdp.py)
+        fsdp.shard(loss_fn, device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     trainable = sum(p.numel() for p in named_delta_parameters(model).values() if p.requires_grad)
 
     start_step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -338,7 +344,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         resume.truncate_metrics(metrics_file, start_step)
         resume.clear_unconfirmed(out, rank)
     train_module = loss_fn
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         train_module = nn.parallel.DistributedDataParallel(
             loss_fn, device_ids=[device] if device.type == "cuda" else None
         )
@@ -368,7 +374,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             batch = [
                 t[sel].to(device) for t in (train_rows.input_ids, train_rows.position_ids, train_rows.labels)
             ]
-            sync_now = micro == cfg.grad_accum - 1 or world == 1
+            sync_now = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp  # FSDP: reduce-scatter each
             ctx = train_module.no_sync() if not sync_now else torch.enable_grad()
             with ctx, torch.autocast(**autocast):
                 loss = train_module(*batch)
@@ -438,6 +444,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             pending = resume.save(out, model, optimizer, state, rank, world)  # confirmed by step + 1
     bar.close()
 
+    fsdp.gather_model_on_rank0(model, rank)  # FSDP: rank 0 saves and evaluates the whole model
     summary: dict[str, Any] = {}
     if is_main:
         save_delta(model, out / "adapter", base_model=cfg.model)

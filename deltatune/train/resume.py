@@ -42,6 +42,7 @@ from deltatune.atomic import check_writable
 from deltatune.deltas import named_delta_state
 from deltatune.formats import read_json
 from deltatune.formats.peft import save_delta
+from deltatune.train import fsdp
 from deltatune.train.config import ConfigError, TrainConfig
 
 STATE_TENSORS = "trainer_state.safetensors"
@@ -184,6 +185,20 @@ def save(
 ) -> Path:
     """Write the checkpoint of step `state['step']` as `unconfirmed-step-N` (see `confirm`)."""
     rngs = _rng_states(world)  # collective: every rank takes part
+    opt = fsdp.full_optimizer_state(optimizer)  # collective under FSDP: the moments gathered whole
+    with fsdp.gathered_delta(model, rank):  # collective under FSDP: rank 0 sees the whole delta
+        return _write(out, model, opt, rngs, state, rank, world)
+
+
+def _write(
+    out: Path,
+    model: nn.Module,
+    opt: dict[str, Any],
+    rngs: list[torch.Tensor],
+    state: dict[str, Any],
+    rank: int,
+    world: int,
+) -> Path:
     final = out / "checkpoints" / f"{UNCONFIRMED}step-{state['step']:06d}"
     if rank != 0:
         return final
@@ -191,7 +206,6 @@ def save(
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
     try:
         save_delta(model, tmp)
-        opt = optimizer.state_dict()
         tensors = {f"rng.rank{r}": s for r, s in enumerate(rngs)}
         tensors |= {f"delta.{k}": v.detach().cpu().contiguous() for k, v in named_delta_state(model).items()}
         for idx, pstate in opt["state"].items():
@@ -247,7 +261,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: i
         )
     with torch.no_grad():
         for name, t in current.items():
-            t.copy_(saved[name])
+            fsdp.load_full_(t, saved[name])  # under FSDP: this rank's shard of it
     opt = optimizer.state_dict()
     if [len(g["params"]) for g in opt["param_groups"]] != [g["n_params"] for g in state["param_groups"]]:
         raise ValueError(f"{path / STATE_JSON}: optimizer layout differs from this run's configuration")
@@ -256,7 +270,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: i
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
             restored.setdefault(int(idx), {})[name] = value
-    opt["state"] = restored
+    opt["state"] = fsdp.shard_optimizer_state(optimizer, restored)
     optimizer.load_state_dict(opt)
     if state["world_size"] != (dist.get_world_size() if dist.is_initialized() else 1):
         raise ValueError(
