@@ -299,5 +299,23 @@ def test_training_summary_has_before_after_cost_metrics_and_report(tiny_dir, tmp
     for text in ("perplexity", "KL(base", "general answers kept", "ECE", "reliability.png", "loss.png"):
         assert text in report
     assert (run / "reliability.png").stat().st_size > 1000
-    off = deltatune.train(dict(RUN, model=str(tiny_dir), output=str(tmp_path / "off"), cost_metrics=False))
-    assert set(off["eval"]) == {"addition"} and not (tmp_path / "off" / "reliability.png").exists()
+
+
+def test_perplexity_data_without_the_other_cost_metrics(tiny_dir, tmp_path):
+    held_out = tmp_path / "held.jsonl"
+    held_out.write_text(
+        json.dumps({"text": TEXT}) + "\n" + json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n"
+    )
+    cfg = dict(RUN, model=str(tiny_dir), cost_metrics=False, perplexity_data=str(held_out))
+    summary = deltatune.train(dict(cfg, output=str(tmp_path / "r")))
+    assert set(summary["eval"]) == {"addition", "perplexity"}
+    assert not (tmp_path / "r" / "reliability.png").exists()
+    tok = load_tokenizer(str(tiny_dir))
+    for when, adapter in (("before", None), ("after", tmp_path / "r" / "adapter")):
+        model = deltatune.load(str(tiny_dir), adapter=adapter)
+        expected = cost.perplexity(model, tok, held_out, max_seq_len=128)["perplexity"]
+        assert summary["eval"]["perplexity"][when] == pytest.approx(expected, rel=1e-4)
+    held_out.write_text('{"text": "fine"}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=r"held\.jsonl:2"):
+        deltatune.train(dict(cfg, output=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
