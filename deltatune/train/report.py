@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deltatune.data.tasks import exact_match
 from deltatune.formats import atomic_write
 
 # summary["eval"] rows that are not an exact-match score on an eval set: label, unit, what it is
@@ -55,7 +56,8 @@ def _change(before: float | None, after: float | None, unit: str) -> str:
 def _rows(table: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
     """(label, before, after, change, meaning) for each eval row."""
     out = []
-    for name, row in table.items():
+    order = list(METRICS)  # exact match per eval set first, then the cost metrics in METRICS order
+    for name, row in sorted(table.items(), key=lambda kv: order.index(kv[0]) + 1 if kv[0] in METRICS else 0):
         label, unit, meaning = METRICS.get(name, (f"exact match on {name}", "share", "greedy answers"))
         before, after = row.get("before"), row.get("after")
         out.append((label, _value(before, unit), _value(after, unit), _change(before, after, unit), meaning))
@@ -85,7 +87,7 @@ def render(summary: dict[str, Any], out: Path) -> str:
         ("final train loss", f"{summary['final_loss']:.4f}"),
         ("final eval loss", "n/a" if summary.get("eval_loss") is None else f"{summary['eval_loss']:.4f}"),
         ("precision", summary.get("precision", "")),
-        ("wall seconds (training loop)", f"{summary['wall_seconds']:.1f}"),
+        ("wall seconds (steps and the after evaluation)", f"{summary['wall_seconds']:.1f}"),
     ]
     lines += ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in facts), ""]
     if summary.get("eval"):
@@ -106,7 +108,7 @@ def render(summary: dict[str, Any], out: Path) -> str:
     answers = out / "general_answers.json"
     if answers.is_file():
         rows = json.loads(answers.read_text())["answers"]
-        changed = [r for r in rows if r["base"].strip() != r["tuned"].strip()]
+        changed = [r for r in rows if not exact_match(r["tuned"], r["base"])]  # as the score counts
         lines += [
             f"## General answers: {len(changed)} of {len(rows)} changed (all in general_answers.json)",
             "",
