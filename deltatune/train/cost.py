@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +202,8 @@ def base_answers(
     if cache is not None:
         from deltatune.formats import write_json
 
-        write_json(cache, {"key": key, "answers": answers})
+        with suppress(OSError):  # a cache that cannot be written only costs the next run this pass
+            write_json(cache, {"key": key, "answers": answers})
     return answers
 
 
