@@ -18,6 +18,7 @@ from deltatune.data import (
     task_samples,
     to_sample,
 )
+from deltatune.data.packing import best_fit
 from deltatune.models import load_tokenizer, tiny_llama
 
 
@@ -272,6 +273,31 @@ def test_pack_by_hand():
         [m, 301, 302, 303, m, m, m, m],
     ]
     assert pack(samples, max_len=8, pad_id=0).input_ids.equal(packed.input_ids)  # deterministic
+
+
+def test_best_fit_in_a_given_order_by_hand():
+    # Lengths 5, 3, 4, 2, 6 into rows of 8, visited as 4, 0, 1, 3, 2 (by hand):
+    # 6 -> row 0 (2 free); 5 -> row 1 (3 free); 3 -> the tightest with room is row 1 (0 free);
+    # 2 -> row 0 (0 free); 4 -> a new row 2.
+    assert best_fit([5, 3, 4, 2, 6], 8, [4, 0, 1, 3, 2]) == [[4, 3], [0, 1], [2]]
+
+
+def test_shuffled_packing_is_best_fit_in_a_seeded_order():
+    lengths = [7, 2, 5, 3, 8, 2, 4, 6, 2, 3]
+    samples = [_fully_trained(100 * (i + 1), n) for i, n in enumerate(lengths)]
+    shuffled = pack(samples, max_len=8, pad_id=0, order="shuffled", seed=3)
+    visit = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(3)).tolist()
+    rows = [[100 * (i + 1) for i in members] for members in best_fit(lengths, 8, visit)]
+    firsts = [[int(t) for t, p in zip(r, pos, strict=True) if p == 0 and t] for r, pos in
+              zip(shuffled.input_ids, shuffled.position_ids, strict=True)]  # fmt: skip
+    assert firsts == rows  # each row holds exactly the samples best fit put there, in that order
+    assert shuffled.input_ids.equal(pack(samples, max_len=8, pad_id=0, order="shuffled", seed=3).input_ids)
+    assert not shuffled.input_ids.equal(
+        pack(samples, max_len=8, pad_id=0, order="shuffled", seed=4).input_ids
+    )
+    assert shuffled.stats.tokens == sum(lengths) and shuffled.stats.samples == len(lengths)
+    with pytest.raises(ValueError, match="packing order"):
+        pack(samples, max_len=8, pad_id=0, order="random")
 
 
 def test_pack_keeps_prompt_masks(tok):
