@@ -1,6 +1,7 @@
 """The CLI's help and option checks, generated from and validated by the pydantic models."""
 
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -102,3 +103,23 @@ def test_serve_passes_validated_engine_options(served):
 def test_import_does_not_load_torch():
     code = "import sys, deltatune.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"DELTATUNE_OMP_DEFAULTS": "0"}, "unset")],
+)
+def test_cli_sets_omp_passive_before_torch_loads(env, expected):
+    """The CLI picks OMP_WAIT_POLICY=PASSIVE before torch is imported, unless the user chose."""
+    code = (
+        "import os, sys\n"
+        "import deltatune.cli as cli\n"
+        "assert 'torch' not in sys.modules, 'torch imported before the CLI could set the OpenMP policy'\n"
+        "cli.omp_defaults()\n"
+        "print(os.environ.get('OMP_WAIT_POLICY', 'unset'))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "DELTATUNE_OMP_DEFAULTS")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=base | env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == expected

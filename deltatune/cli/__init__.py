@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
 import sys
 import types
 import typing
@@ -137,7 +138,20 @@ def with_keys_help(extra: Callable[[list[str]], str]) -> type[TyperCommand]:
 from deltatune.cli import train, infer, select, deltas, inspect, route, serve  # noqa: E402, F401, I001  (registration order = help order)
 
 
+def omp_defaults(environ: dict[str, str] | None = None) -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user set it (or DELTATUNE_OMP_DEFAULTS=0).
+
+    Spinning OpenMP threads cost torch 10x when another process shares the CPU, and next to
+    nothing to give up when alone (benchmarks/omp_policy.py; README "Threads"). It must be set
+    before torch starts its OpenMP runtime, so the CLI sets it first thing, before any import of torch.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("DELTATUNE_OMP_DEFAULTS", "1") != "0":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main() -> None:
+    omp_defaults()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise here; deltatune prints its own
