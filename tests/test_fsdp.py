@@ -1,11 +1,16 @@
 """FSDP (train/fsdp.py): two CPU processes under torchrun (gloo) against one process at the same
 global batch, checkpoints and a resume under FSDP, and the configurations FSDP refuses.
 
-Tolerance: atol 1e-5, rtol 1e-4 on fp32 weights and AdamW moments of magnitude ~0.1, as for DDP.
-One process sums the micro-batch gradients by autograd accumulation, FSDP by a reduce-scatter of
-per-rank sums, so the fp32 additions happen in another order; the weights then differ by ~1e-6
-after 12 steps (measured: 1.7e-6 at most on the adapter), never by a wrong row or scale, which
-would show as ~1e-2.
+Tolerance: every tensor (adapter weights, the checkpoint's delta and AdamW moments) within 1e-3 of
+the single-process one in relative Frobenius norm, ||a - b|| / ||b||; logged loss and gradient norm
+within rtol 1e-4. The same global batch gives the same gradients up to fp32 rounding only: under
+FSDP the gradient norm for clipping is summed shard by shard, and the layers' matmuls read weights
+gathered into one flat buffer, so the additions happen in another order. Adam then amplifies
+those ~1e-7 relative differences where a gradient entry is small. Measured after 12 steps:
+1.5e-5 on the adapter (1.3e-5 absolute on weights of ~0.18), 1.4e-4 at worst on a first moment,
+4e-6 on loss and gradient norm (DDP, which adds the same numbers in the same order, is bitwise
+equal). A real error is far above the tolerance: normalising each rank's loss by its own target
+count instead of the step's gives 0.2 on the adapter and 0.8 on the moments.
 """
 
 import json
@@ -37,7 +42,7 @@ FLAGS = dict(
     save_every=2,
     keep_checkpoints=10,
 )
-ATOL, RTOL = 1e-5, 1e-4
+REL = 1e-3  # relative Frobenius error per tensor (see the module docstring)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
@@ -74,7 +79,13 @@ def _assert_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
     assert got.keys() == want.keys()
     for k, v in want.items():
         assert got[k].shape == v.shape, k  # whole tensors on disk, not one rank's shard
-        torch.testing.assert_close(got[k], v, atol=ATOL, rtol=RTOL, msg=k)
+        error = float((got[k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-30))
+        assert error <= REL, f"{k}: relative error {error:.2e}"
+
+
+def _logged(run: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +112,9 @@ def test_fsdp_two_processes_match_single_process(single, sharded):
     )
     assert 0.4 * total < held < 0.6 * total, log
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    got, want = _logged(out), _logged(single)
+    assert [r[0] for r in got] == [r[0] for r in want] == [5, 10, 12]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
     _assert_equal(
         _tensors(out / "adapter" / "adapter_model.safetensors"),
         _tensors(single / "adapter" / "adapter_model.safetensors"),
@@ -145,3 +159,6 @@ def test_fsdp_refuses_one_process_and_a_quantized_base(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match=r"config key 'quantize': nf4 does not combine with fsdp"):
         build_config({"fsdp": True, "quantize": "nf4"})
     assert build_config({"quantize": "nf4"}).quantize == "nf4"  # DDP over a quantized base is fine
+    with pytest.raises(ConfigError, match=r"config key 'fsdp': method 'prompt_tuning' does not train"):
+        build_config({"fsdp": True, "method": "prompt_tuning"})
+    assert build_config({"fsdp": True, "method": "prefix_tuning"}).fsdp

@@ -121,7 +121,7 @@ class TrainConfig(BaseModel):
         require_trainable(self.method)
         require_quantizable(self.method, self.quantize)
         if self.fsdp:
-            require_fsdp(self.quantize)
+            require_fsdp(self.method, self.quantize)
         if self.data is None and self.task is None:
             self.task = "reversal"
         return self
@@ -160,10 +160,19 @@ def require_quantizable(method_name: str, quantize: str, source: str = "") -> No
         raise ConfigError(f"{source}config key 'quantize': {str(err).removeprefix('quantize: ')}") from None
 
 
-def require_fsdp(quantize: str, source: str = "") -> None:
+# methods whose gradient reaches a sharded layer by a path FSDP does not see (train/fsdp.py)
+NOT_SHARDABLE = {
+    "prompt_tuning": "its prompt runs the frozen decoder layers once more, and only that run's "
+    "key/value states, not the layers' outputs, carry its gradient, so FSDP frees those layers' "
+    "gathered weights before the backward needs them",
+}
+
+
+def require_fsdp(method_name: str, quantize: str, source: str = "") -> None:
     """Refuse `fsdp: true` where it cannot shard: a single process (nothing to shard across; training
-    unsharded instead would hide that the memory saving asked for is not there), or a quantized base
-    (its codes are plain attributes, not parameters, so FSDP would replicate them on every rank)."""
+    unsharded instead would hide that the memory saving asked for is not there), a quantized base
+    (its codes are plain attributes, not parameters, so FSDP would replicate them on every rank), or
+    a method in NOT_SHARDABLE."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         raise ConfigError(
@@ -176,6 +185,11 @@ def require_fsdp(quantize: str, source: str = "") -> None:
             f"{source}config key 'quantize': {quantize} does not combine with fsdp (the quantized "
             "codes are not parameters, so FSDP would replicate them on every rank rather than shard "
             "them); use quantize none with fsdp, or DDP (no --fsdp) over the quantized base"
+        )
+    if method_name in NOT_SHARDABLE:
+        raise ConfigError(
+            f"{source}config key 'fsdp': method {method_name!r} does not train under FSDP "
+            f"({NOT_SHARDABLE[method_name]}); use DDP (no --fsdp), or prefix_tuning / ptuning_v2"
         )
 
 
@@ -203,7 +217,7 @@ def build_config(values: dict[str, Any], source: str = "") -> TrainConfig:
     if isinstance(values.get("quantize"), str):
         require_quantizable(method_name, values["quantize"], source)
     if values.get("fsdp") is True:
-        require_fsdp(str(values.get("quantize", "none")), source)
+        require_fsdp(method_name, str(values.get("quantize", "none")), source)
     method_fields = get_method(method_name).config_class.model_fields
     core = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
     method_args = {k: v for k, v in values.items() if k in method_fields}
