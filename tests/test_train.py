@@ -188,6 +188,35 @@ def test_training_reduces_loss_and_writes_run_dir(tmp_path, tiny_dir):
     assert loaded(ids).logits.isfinite().all()
 
 
+@pytest.mark.parametrize("base_dtype", ["bf16", "fp32"])
+def test_base_dtype_sets_the_frozen_weights_autocast_sees(tmp_path, tiny_dir, base_dtype):
+    """Step 1's loss is the base model's (B = 0): with base_dtype fp32 it is the fp32 base under bf16
+    autocast (what peft + Trainer with bf16=True computes), with bf16 the base held in bf16."""
+    from deltatune import attention
+    from deltatune.data import pack, task_samples
+    from deltatune.models import load_model
+
+    cfg = FAST | dict(model=str(tiny_dir), precision="bf16", base_dtype=base_dtype, max_steps=1, log_every=1)
+    summary = deltatune.train(cfg | dict(output=str(tmp_path / "run"), cost_metrics=False))
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert summary["base_dtype"] == base_dtype
+
+    tok = load_tokenizer(str(tiny_dir))
+    rows = pack(task_samples("addition", "train", 64, tok, seed=0), 128, tok.pad_token_id, order="shuffled")
+    idx = rows_for_step(0, rows.input_ids.shape[0], 2, 0)
+    batch = [t[idx] for t in (rows.input_ids, rows.position_ids, rows.labels)]
+    losses = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_model(str(tiny_dir), dtype=dtype)
+        attention.use_packed_attention(model)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[dtype] = (CausalLMLoss(model, 1024)(*batch) / int((batch[2][:, 1:] != -100).sum())).item()
+    assert losses[torch.float32] != losses[torch.bfloat16]  # the two bases differ on this model
+    assert logged == pytest.approx(
+        losses[torch.float32 if base_dtype == "fp32" else torch.bfloat16], rel=1e-6
+    )
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dir):
     cfg = dict(
         FAST,

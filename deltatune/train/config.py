@@ -66,6 +66,11 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
     # execution
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported")
+    base_dtype: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="with bf16 precision, hold the frozen base in bf16 (half the memory, faster) or fp32 "
+        "under autocast (bit-equal to peft + Trainer's bf16=True; see README)",
+    )
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, slower")
     quantize: Literal["none", "nf4", "int8"] = Field(

@@ -6,7 +6,8 @@
 
 Choices that matter for speed and memory (see README for measurements):
 - frozen base weights are held in bf16 when the CPU/GPU supports it; trainable weights stay fp32 and
-  the forward runs under bf16 autocast, so nothing is re-cast per step but the small delta;
+  the forward runs under bf16 autocast, so nothing is re-cast per step but the small delta
+  (`base_dtype: fp32` keeps fp32 master weights under autocast instead, as peft + Trainer do);
 - the loss is computed only at target positions, in chunks of `loss_chunk_tokens` whose logits are
   recomputed in the backward (checkpointed), so fp32 logits for the whole batch never exist;
 - samples are packed into full rows, and attention runs per sample (attention.py), so a row costs
@@ -303,7 +304,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         )
     model = load_model(
         cfg.model,
-        dtype=torch.bfloat16 if use_bf16 else torch.float32,
+        dtype=torch.bfloat16 if use_bf16 and cfg.base_dtype == "bf16" else torch.float32,
         device=fsdp.LOAD_DEVICE if cfg.fsdp else device,
         quantize=cfg.quantize,
     )
@@ -477,6 +478,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "eval_loss": final_eval_loss,
             "eval": evaluation.table(before, after),
             "precision": "bf16" if use_bf16 else "fp32",
+            "base_dtype": cfg.base_dtype if use_bf16 else "fp32",
             "quantize": cfg.quantize,
             "base_weight_bytes": base_bytes["total"],
             "base_linear_weight_bytes": base_bytes["linear"],
