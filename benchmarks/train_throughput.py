@@ -68,7 +68,7 @@ WORDS = [
     "dragon",
     "castle",
 ]
-SIDES = ("deltatune", "peft", "trl")
+SIDES = ("deltatune", "deltatune_fp32base", "peft", "trl")
 LORA = {"r": 16, "alpha": 32}
 
 
@@ -148,6 +148,8 @@ def run_deltatune(args) -> dict:
     from deltatune.train.config import parse_scalar
 
     extra = {k.replace("-", "_"): parse_scalar(v) for k, v in args.dt_set}
+    if args.side == "deltatune_fp32base":
+        extra["base_dtype"] = "fp32"
     order = extra.get("packing", "shuffled")
     rows = pack(load_samples(args.data, tok), args.seq_len, tok.pad_token_id, order=order, seed=0)
     n_rows = rows.input_ids.shape[0]
@@ -169,14 +171,14 @@ def run_deltatune(args) -> dict:
             precision="bf16",
             save_every=0,
             seed=0,
-            output=str(args.workdir / "deltatune"),
+            output=str(args.workdir / args.side),
             log_every=1,
             model=args.model,
             device=args.device,
         )
         | extra
     )
-    log = [json.loads(x) for x in (args.workdir / "deltatune" / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (args.workdir / args.side / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in log if "loss" in r]
     return {
         "steps": steps,
@@ -187,7 +189,7 @@ def run_deltatune(args) -> dict:
         "train_tokens": summary["train_tokens"],
         "train_target_tokens": targets(rows.labels[used]),
         "train_seconds": summary["train_seconds"],
-        "adapter": str(args.workdir / "deltatune" / "adapter"),
+        "adapter": str(args.workdir / args.side / "adapter"),
         "matmul_params": matmul_params(load_model(args.model)),
     }
 
@@ -345,8 +347,13 @@ def child(args, side: str, **extra: str) -> dict:
 
 
 def table(report: dict) -> str:
-    sides = [s for s in ("deltatune", "peft", "trl") if s in report["results"]]
-    names = {"deltatune": "deltatune", "peft": "peft + Trainer", "trl": "TRL SFTTrainer (packing)"}
+    sides = [s for s in SIDES if s in report["results"]]
+    names = {
+        "deltatune": "deltatune",
+        "deltatune_fp32base": "deltatune, base_dtype fp32",
+        "peft": "peft + Trainer",
+        "trl": "TRL SFTTrainer (packing)",
+    }
     res = report["results"]
     head = "| | " + " | ".join(names[s] for s in sides) + " |"
     lines = [head, "|---" * (len(sides) + 1) + "|"]
@@ -372,13 +379,25 @@ def table(report: dict) -> str:
             f"{names[s]}: tokens/s {ratios[s]['tokens_per_second']:.2f}x, peak RSS {ratios[s]['peak_rss']:.2f}x, "
             f"held-out loss {ratios[s]['held_out_loss']:.3f}x"
             for s in sides
-            if s != "deltatune"
+            if s not in ("deltatune", "deltatune_fp32base")
         )
         + f". bf16 matmul measured: {report['bf16_matmul_gflops']:.0f} GFLOP/s "
         f"({report['setup']['torch_threads']} threads).",
     ]
-    if "own_eval_loss" in res.get("deltatune", {}):
-        lines.append(f"deltatune's in-run eval of its adapter: {res['deltatune']['own_eval_loss']:.4f}.")
+    if "ratios_fp32base" in report:
+        alt = report["ratios_fp32base"]
+        lines.append(
+            "deltatune with base_dtype fp32 vs "
+            + "; vs ".join(
+                f"{names[s]}: tokens/s {r['tokens_per_second']:.2f}x, peak RSS {r['peak_rss']:.2f}x, "
+                f"held-out loss {r['held_out_loss']:.3f}x"
+                for s, r in alt.items()
+            )
+            + "."
+        )
+    for s in sides:
+        if "own_eval_loss" in res[s]:
+            lines.append(f"{names[s]}: in-run eval of its adapter {res[s]['own_eval_loss']:.4f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -388,7 +407,7 @@ def main() -> None:
     parser.add_argument("--sides", default=",".join(SIDES), help="comma list of sides to run")
     parser.add_argument("--batch", type=int, default=8, help="samples per step for peft + Trainer")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--samples", type=int, default=640, help="training samples (one pass)")
+    parser.add_argument("--samples", type=int, default=496, help="training samples (one pass: 62 peft steps)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--workdir", type=Path, default=OUT / "train_throughput")
@@ -408,7 +427,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.side:  # child process: one side only
-        fn = {"deltatune": run_deltatune, "peft": run_peft, "trl": run_trl, "score": score}[args.side]
+        fn = {"peft": run_peft, "trl": run_trl, "score": score}.get(args.side, run_deltatune)
         print("RESULT " + json.dumps(fn(args)))
         return
 
@@ -429,7 +448,9 @@ def main() -> None:
     peak = bf16_matmul_flops()
     from deltatune.models import load_model
 
-    params = results.get("deltatune", {}).pop("matmul_params", None) or matmul_params(load_model(args.model))
+    params = matmul_params(load_model(args.model))
+    for r in results.values():
+        r.pop("matmul_params", None)
     for side, r in results.items():
         r["held_out_loss"] = scores[side]["peft_scorer"]
         r["held_out_loss_deltatune_eval"] = scores[side]["deltatune_eval"]
@@ -465,6 +486,17 @@ def main() -> None:
             for s, r in results.items()
             if s != "deltatune"
         }
+        if "deltatune_fp32base" in results:  # the exact alternative, against the same peers
+            alt = results["deltatune_fp32base"]
+            report["ratios_fp32base"] = {
+                s: {
+                    "tokens_per_second": alt["tokens_per_second"] / r["tokens_per_second"],
+                    "peak_rss": alt["peak_rss_bytes"] / r["peak_rss_bytes"],
+                    "held_out_loss": alt["held_out_loss"] / r["held_out_loss"],
+                }
+                for s, r in results.items()
+                if s in ("peft", "trl")
+            }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.tag}.json").write_text(json.dumps(report, indent=2))
     if "ratios" in report:
