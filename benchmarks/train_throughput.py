@@ -141,7 +141,7 @@ def targets(labels: torch.Tensor) -> int:
 def run_deltatune(args) -> dict:
     import deltatune
     from deltatune.data import load_samples, pack
-    from deltatune.models import load_model, load_tokenizer
+    from deltatune.models import load_tokenizer
     from deltatune.train.loop import rows_for_step
 
     tok = load_tokenizer(args.model)
@@ -175,6 +175,7 @@ def run_deltatune(args) -> dict:
             log_every=1,
             model=args.model,
             device=args.device,
+            cost_metrics=False,  # the peers measure nothing of the kind; keep the processes comparable
         )
         | extra
     )
@@ -190,7 +191,6 @@ def run_deltatune(args) -> dict:
         "train_target_tokens": targets(rows.labels[used]),
         "train_seconds": summary["train_seconds"],
         "adapter": str(args.workdir / args.side / "adapter"),
-        "matmul_params": matmul_params(load_model(args.model)),
     }
 
 
@@ -449,8 +449,6 @@ def main() -> None:
     from deltatune.models import load_model
 
     params = matmul_params(load_model(args.model))
-    for r in results.values():
-        r.pop("matmul_params", None)
     for side, r in results.items():
         r["held_out_loss"] = scores[side]["peft_scorer"]
         r["held_out_loss_deltatune_eval"] = scores[side]["deltatune_eval"]
