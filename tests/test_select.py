@@ -400,3 +400,17 @@ def test_embeddings_match_sentence_transformers_and_are_cached(monkeypatch):
     assert stats["cached"] == 1.0
     with pytest.raises(pytest.fail.Exception):  # another text is another key
         embed.embed_texts([*texts[:2], "something else"], progress=False)
+
+
+def test_loss_outliers_by_hand():
+    """Robust z-score on log losses: median 0, MAD of |logs| = ln 2, so the cut is 3 * 1.4826 * ln 2."""
+    import math
+
+    from deltatune.select.quality import loss_outliers
+
+    losses = {0: 1.0, 1: 2.0, 2: 0.5, 3: 1.0, 4: 30.0, 5: 2.0, 6: 0.5}  # logs: 0, ±ln2 and ln 30
+    cut = 3 * 1.4826 * math.log(2)
+    assert math.log(30.0) > cut > math.log(2.0)
+    assert loss_outliers(losses, 3.0) == {4}
+    assert loss_outliers(losses, 0) == set()  # off
+    assert loss_outliers({0: 1.0, 1: 1.0, 2: 9.0}, 3.0) == set()  # MAD 0: no scale, nothing dropped

@@ -240,7 +240,7 @@ def _cut(state: _State, stage: str) -> int | None:
 
 
 def _quality(state: _State, model, tokenizer) -> None:
-    from deltatune.select.quality import scores
+    from deltatune.select.quality import loss_outliers, scores
 
     o = state.options
     t0 = time.perf_counter()
@@ -263,12 +263,18 @@ def _quality(state: _State, model, tokenizer) -> None:
     state.sel.rates["quality"] = len(alive) / max(seconds, 1e-9)
     key = o.quality
     ranked = []
+    losses = {i: e["loss_with_prompt"] for i, e in zip(alive, computed, strict=True) if e["loss_with_prompt"]}
+    outliers = loss_outliers(losses, o.loss_outlier_mads)
     for i, entry in zip(alive, computed, strict=True):
         state.sel.scores[i] = entry
         if entry["loss_with_prompt"] is None:
             state.drop(i, "no_answer_within_max_length", f"no answer token within max_length {o.max_length}")
         elif entry.get(key) is None:  # a zero answer-alone loss: the ratio is undefined
             state.drop(i, "score_undefined", f"{key} undefined")
+        elif i in outliers:
+            state.drop(
+                i, "loss_outlier", f"answer loss outlier (> {o.loss_outlier_mads:g} MADs above the median)"
+            )
         elif key == "ifd" and entry["ifd"] > o.ifd_max:
             state.drop(i, f"ifd>{o.ifd_max:g}", f"ifd>{o.ifd_max:g}")
         else:

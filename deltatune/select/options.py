@@ -46,6 +46,12 @@ class SelectOptions(BaseModel):
         None, description="model that scores quality (default: 'default'; in a train config: its model)"
     )
     ifd_max: float = Field(1.0, gt=0, description="records with IFD above this are dropped")
+    loss_outlier_mads: float = Field(
+        3.0,
+        ge=0,
+        description="drop records whose log answer loss given the prompt lies more than this many "
+        "(scaled) MADs above the median: unrelated or garbled answers (0: off)",
+    )
     perplexity_keep: Literal["middle", "low"] = Field(
         "middle", description="perplexity: keep those nearest the median log-perplexity, or the lowest"
     )

@@ -19,6 +19,12 @@ default: the highest perplexities are the noise (gibberish, an unrelated answer)
 trivial or empty answers the model already predicts, so both ends go (as "perplexity filters" for
 instruction data keep the middle); `perplexity_keep: low` keeps the lowest instead.
 
+Outliers first: an answer that does not belong to its prompt (another record's answer, random
+characters) gets no help from the prompt, so its IFD is near 1 and a plain "highest IFD" ranking
+would keep it first. Such answers have a conditional loss far above the rest, so before ranking,
+records whose log loss given the prompt lies more than `loss_outlier_mads` scaled median absolute
+deviations above the median are dropped (`loss_outliers`, a robust z-score).
+
 Speed (the scoring pass is most of a selection's time):
 - all sequences of both kinds are sorted by (length, tokens) and run `batch_size` at a time, right
   padded with no attention mask (causal attention never looks right, so real tokens never see pads);
@@ -32,6 +38,7 @@ Speed (the scoring pass is most of a selection's time):
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -259,3 +266,16 @@ def scores(
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def loss_outliers(losses: dict[int, float], mads: float) -> set[int]:
+    """Keys whose log loss exceeds median + mads * 1.4826 * MAD (of the log losses); none when mads is 0."""
+    if mads <= 0 or len(losses) < 3:
+        return set()
+    logs = {k: math.log(max(v, 1e-12)) for k, v in losses.items()}
+    values = sorted(logs.values())
+    median = statistics.median(values)
+    mad = 1.4826 * statistics.median(abs(v - median) for v in values)
+    if mad == 0:
+        return set()
+    return {k for k, v in logs.items() if (v - median) / mad > mads}

@@ -1,11 +1,11 @@
 """Does data selection pay? The same LoRA trained on a dirty set, a random quarter, `deltatune select`'s
 quarter, and the clean data.
 
-    python benchmarks/select.py                 # the README table (~12 min alone on 2 cores), writes
+    python benchmarks/selection.py                 # the README table (~12 min alone on 2 cores), writes
                                                 # benchmarks/out/select.{json,md}
-    python benchmarks/select.py --speed         # scoring speed on 10k short records (IFD pass, pipeline;
+    python benchmarks/selection.py --speed         # scoring speed on 10k short records (IFD pass, pipeline;
                                                 # ~15 min), writes benchmarks/out/select_speed.{json,md}
-    python benchmarks/select.py --records 48 --steps 2 --eval-items 4 --out /tmp/select-smoke   # smoke
+    python benchmarks/selection.py --records 48 --steps 2 --eval-items 4 --out /tmp/select-smoke   # smoke
 
 The dirty set is built from three built-in tasks (deltatune/data/tasks.py; the first of `--tasks` is
 over-represented `--ratio`:1:1 in every part) and written as chat jsonl, with one label per record in
@@ -54,31 +54,14 @@ import os
 import random
 import shutil
 import string
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "select":  # pragma: no cover - only when some other benchmark imports the stdlib module
-    # `python benchmarks/<any>.py` puts benchmarks/ first on sys.path, so the standard library's
-    # `import select` (subprocess, selectors, asyncio) finds this file. Hand the importer the real
-    # module instead; the importer returns what sys.modules holds once this file has run.
-    import importlib.machinery
-    import importlib.util
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP collapses on a shared CPU
 
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "select", [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    )
-    _real = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_real)
-    sys.modules["select"] = _real
-elif __name__ == "__main__":  # so that nothing in this process imports this file as `select`
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waiting OpenMP collapses on a shared CPU
-
-OUT = Path(_HERE) / "out"
+OUT = Path(__file__).resolve().parent / "out"
 TASK_NAMES = ("reversal", "addition", "kv_lookup")
 DUPLICATE_KINDS = ("exact_copy", "case_whitespace", "word_edit")
 NOISE_KINDS = ("unrelated_answer", "plausible_wrong", "empty_answer", "truncated_answer", "gibberish")
