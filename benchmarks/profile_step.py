@@ -30,6 +30,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument(
+        "--flash", action="store_true", help="SDPA's CPU flash kernel instead of the math path"
+    )
+    parser.add_argument("--tag", default="profile_step")
     args = parser.parse_args()
 
     from deltatune import attention
@@ -38,6 +42,8 @@ def main() -> None:
     from deltatune.models import load_model, load_tokenizer
     from deltatune.train.loop import CausalLMLoss
 
+    if args.flash:
+        attention.CPU_BACKEND = None
     work = OUT / "profile_step"
     work.mkdir(parents=True, exist_ok=True)
     make_data(work / "train.jsonl", 200, seed=0)
@@ -83,14 +89,21 @@ def main() -> None:
         for e in top
     ]
     matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS)) / total
+    unprofiled_start, unprofiled_tokens = time.perf_counter(), 0
+    for i in range(args.steps + 1, 2 * args.steps + 1):
+        unprofiled_tokens += step(i)
+    unprofiled = unprofiled_tokens / (time.perf_counter() - unprofiled_start)
     report = {
+        "attention": "flash" if args.flash else "math",
+        "tokens_per_second": unprofiled,
         "tokens_per_second_under_profiler": tokens / seconds,
         "matmul_share": matmul,
         "top": rows_out,
     }
-    (OUT / "profile_step.json").write_text(json.dumps(report, indent=2))
+    (OUT / f"{args.tag}.json").write_text(json.dumps(report, indent=2))
     md = [
-        f"tokens/s under the profiler: {report['tokens_per_second_under_profiler']:.0f}; "
+        f"attention: {report['attention']}; tokens/s {unprofiled:.0f} "
+        f"({report['tokens_per_second_under_profiler']:.0f} under the profiler); "
         f"matmul ops: {100 * matmul:.0f}% of self CPU time",
         "",
         "| op | self ms/step | share | calls/step |",
@@ -100,7 +113,7 @@ def main() -> None:
         f"| {r['op']} | {r['self_ms_per_step']:.1f} | {100 * r['share']:.1f}% | {r['calls_per_step']:.0f} |"
         for r in rows_out
     ]
-    (OUT / "profile_step.md").write_text("\n".join(md) + "\n")
+    (OUT / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
