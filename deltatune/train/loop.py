@@ -310,7 +310,9 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     )
     attention.use_packed_attention(model)  # per-sample attention for packed rows (see attention.py)
 
+    t_eval = time.perf_counter()
     before = evaluation.before(model, autocast) if is_main and not resume_from else {}
+    before_seconds = time.perf_counter() - t_eval
     mix = None  # rehearsal: the base model's own answers, in rows of their own (train/rehearsal.py)
     if rehearsing is not None:
         mix = rehearsing.mix(model, tokenizer, train_rows, out, resume_from, rank)
@@ -452,7 +454,9 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
         final_eval_loss = (
             eval_loss(loss_fn, eval_rows, cfg.batch_size, device, autocast) if eval_rows else None
         )
+        t_eval = time.perf_counter()
         after = evaluation.after(model, autocast, before, final_eval_loss)
+        after_seconds = time.perf_counter() - t_eval
         if final_eval_loss is not None:
             with metrics_file.open("a") as f:
                 f.write(json.dumps({"step": step, "eval_loss": final_eval_loss}) + "\n")
@@ -473,6 +477,7 @@ def run(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
             "train_tokens": tokens_seen,
             "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - run_start,
+            "eval_seconds": {"before": before_seconds, "after": after_seconds},  # exact match + cost metrics
             "peak_memory_bytes": peak_memory_bytes(device),
             "final_loss": last_loss,
             "eval_loss": final_eval_loss,
