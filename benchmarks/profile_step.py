@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ def main() -> None:
     report = {
         "attention": "flash" if args.flash else "math",
         "tokens_per_second": unprofiled,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tokens_per_second_under_profiler": tokens / seconds,
         "matmul_share": matmul,
         "top": rows_out,
@@ -103,7 +105,8 @@ def main() -> None:
     (OUT / f"{args.tag}.json").write_text(json.dumps(report, indent=2))
     md = [
         f"attention: {report['attention']}; tokens/s {unprofiled:.0f} "
-        f"({report['tokens_per_second_under_profiler']:.0f} under the profiler); "
+        f"({report['tokens_per_second_under_profiler']:.0f} under the profiler), peak RSS "
+        f"{report['peak_rss_bytes'] / 2**30:.2f} GiB; "
         f"matmul ops: {100 * matmul:.0f}% of self CPU time",
         "",
         "| op | self ms/step | share | calls/step |",
