@@ -13,28 +13,20 @@ queries under the causal rule), and the outputs are scattered back:
 The layout is computed once per forward from the restarted position_ids and handed down to every
 layer through transformers' attention kwargs (`packed_layout=`). Without a layout (generation,
 KV caches, prefix methods), the function is exactly transformers' SDPA attention.
-
-On CPU in bf16/fp16 the buckets run SDPA's math backend (scores, softmax, matmul): for these short
-samples it is 1.1-2.8x faster forward + backward in bf16 than the CPU flash kernel, whose backward was the
-largest op after the matmuls in a profiled training step (benchmarks/profile_step.py). `CPU_BACKEND`
-switches it back for measurement. Other devices keep SDPA's own choice.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "deltatune_packed"
-CPU_BACKEND: SDPBackend | None = SDPBackend.MATH  # None: let SDPA choose (flash attention on CPU)
 
 
 @dataclass
@@ -92,17 +84,14 @@ def packed_sdpa(
 
     q, k, v = flat(query), flat(key), flat(value)
     outputs = []
-    low_precision = query.dtype in (torch.bfloat16, torch.float16)  # fp32 keeps SDPA's own kernel
-    backend = CPU_BACKEND if query.device.type == "cpu" and low_precision else None
-    with sdpa_kernel(backend) if backend is not None else nullcontext():
-        for index, valid in packed_layout.buckets:
-            kb, vb = k[index].transpose(1, 2), v[index].transpose(1, 2)
-            if repeat > 1:
-                kb, vb = kb.repeat_interleave(repeat, dim=1), vb.repeat_interleave(repeat, dim=1)
-            out = F.scaled_dot_product_attention(
-                q[index].transpose(1, 2), kb, vb, is_causal=True, scale=scaling, dropout_p=dropout
-            )
-            outputs.append(out.transpose(1, 2)[valid])  # [real tokens, heads, D]
+    for index, valid in packed_layout.buckets:
+        kb, vb = k[index].transpose(1, 2), v[index].transpose(1, 2)
+        if repeat > 1:
+            kb, vb = kb.repeat_interleave(repeat, dim=1), vb.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(
+            q[index].transpose(1, 2), kb, vb, is_causal=True, scale=scaling, dropout_p=dropout
+        )
+        outputs.append(out.transpose(1, 2)[valid])  # [real tokens, heads, D]
     out = torch.cat(outputs)[packed_layout.inverse]
     return out.view(b, t, heads, dim), None
 
