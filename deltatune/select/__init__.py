@@ -240,7 +240,7 @@ def _cut(state: _State, stage: str) -> int | None:
 
 
 def _quality(state: _State, model, tokenizer) -> None:
-    from deltatune.select.quality import loss_outliers, scores
+    from deltatune.select.quality import high_outliers, loss_outliers, scores
 
     o = state.options
     t0 = time.perf_counter()
@@ -280,6 +280,10 @@ def _quality(state: _State, model, tokenizer) -> None:
         else:
             ranked.append(i)
     if key == "ifd":
+        unexplained = high_outliers({i: state.sel.scores[i]["ifd"] for i in ranked}, o.ifd_outlier_mads)
+        for i in sorted(unexplained):
+            state.drop(i, "ifd_outlier", f"ifd outlier (> {o.ifd_outlier_mads:g} MADs above the median)")
+        ranked = [i for i in ranked if i not in unexplained]
         ranked.sort(key=lambda i: (-state.sel.scores[i]["ifd"], i))
     elif o.perplexity_keep == "low":
         ranked.sort(key=lambda i: (state.sel.scores[i]["perplexity"], i))

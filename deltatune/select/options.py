@@ -52,6 +52,12 @@ class SelectOptions(BaseModel):
         description="drop records whose log answer loss given the prompt lies more than this many "
         "(scaled) MADs above the median: unrelated or garbled answers (0: off)",
     )
+    ifd_outlier_mads: float = Field(
+        1.5,
+        ge=0,
+        description="ifd: drop records whose IFD lies more than this many (scaled) MADs above the "
+        "median, before keeping the highest: answers the prompt does not explain (0: off)",
+    )
     perplexity_keep: Literal["middle", "low"] = Field(
         "middle", description="perplexity: keep those nearest the median log-perplexity, or the lowest"
     )
