@@ -140,20 +140,31 @@ def test_ifd_equals_hand_computation():
 
 
 def test_ifd_keeps_the_highest_and_drops_above_one(tiny_dir):
+    """The paper's rule with the outlier cuts off; then the IFD cut on top (hand-checked below)."""
+    from deltatune.select.quality import high_outliers
+
     records = [
         chat(f"Repeat the word number {i}: {w}", w)
-        for i, w in enumerate(["apple", "river", "stone", "cloud"])
+        for i, w in enumerate(["apple", "river", "stone", "cloud", "grass", "flame", "sugar", "wheel"])
     ]
     pairs = [(r, f"d.jsonl:{i + 1}") for i, r in enumerate(records)]
-    sel = select_records(pairs, 2, "quality", {"progress": False, "precision": "fp32"}, model=str(tiny_dir))
+    off = {"progress": False, "precision": "fp32", "loss_outlier_mads": 0, "ifd_outlier_mads": 0}
+    sel = select_records(pairs, 3, "quality", off, model=str(tiny_dir))
     ifd = [s["ifd"] for s in sel.scores]
-    ranked = sorted((i for i in range(4) if ifd[i] <= 1), key=lambda i: -ifd[i])
-    assert sel.kept == sorted(ranked[:2])
-    for i in range(4):
+    ranked = sorted((i for i in range(8) if ifd[i] <= 1), key=lambda i: -ifd[i])
+    assert sel.kept == sorted(ranked[:3])
+    for i in range(8):
         if ifd[i] > 1:
             assert sel.reasons[i] == "ifd>1"
-        elif i not in ranked[:2]:
+        elif i not in ranked[:3]:
             assert sel.reasons[i] == "below quality cut"
+    cut = {**off, "ifd_outlier_mads": 0.5}
+    sel = select_records(pairs, 3, "quality", cut, model=str(tiny_dir))
+    unexplained = high_outliers({i: ifd[i] for i in ranked}, 0.5)
+    assert unexplained  # 0.5 MADs cuts some of eight spread values
+    rest = [i for i in ranked if i not in unexplained]
+    assert sel.kept == sorted(rest[:3])
+    assert {i for i in range(8) if sel.reasons[i].startswith("ifd outlier (> 0.5 MADs")} == unexplained
 
 
 def test_ifd_refuses_text_records_naming_the_line(tiny_dir):
@@ -414,3 +425,16 @@ def test_loss_outliers_by_hand():
     assert loss_outliers(losses, 3.0) == {4}
     assert loss_outliers(losses, 0) == set()  # off
     assert loss_outliers({0: 1.0, 1: 1.0, 2: 9.0}, 3.0) == set()  # MAD 0: no scale, nothing dropped
+
+
+def test_ifd_outliers_by_hand():
+    """The IFD cut is a plain robust z-score: median 0.325, MAD 0.075, so the 1.5-MAD cut is 0.492."""
+    from deltatune.select.quality import high_outliers
+
+    ifd = {0: 0.25, 1: 0.30, 2: 0.35, 3: 0.30, 4: 0.40, 5: 0.42, 6: 0.95, 7: 0.20}
+    # median 0.325 -> deviations .075 .025 .025 .025 .075 .095 .625 .125: MAD 0.075
+    cut = 0.325 + 1.5 * 1.4826 * 0.075
+    assert 0.42 < cut < 0.95
+    assert high_outliers(ifd, 1.5) == {6}
+    assert high_outliers(ifd, 0.5) == {4, 5, 6}
+    assert high_outliers(ifd, 0) == set()
