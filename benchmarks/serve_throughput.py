@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 OUT = Path(__file__).resolve().parent / "out"
-TARGETS = {"distinct_32_vs_base": 0.8, "distinct_32_vs_peft": 3.0}
+TARGETS = {"distinct_32_vs_base": 0.9, "distinct_32_vs_peft": 3.0}  # issue 15, on the median ratios
 ALL_LINEAR = "all-linear"
 TOPICS = ["rivers", "bread", "chess", "volcanoes", "jazz", "bees", "glass", "comets"]
 
@@ -243,7 +244,22 @@ def run(
         "unpacked_distinct_32_vs_base": round(u["32 adapters"] / u["base"], 3),
         "unpacked_distinct_32_vs_peft": round(u["32 adapters"] / results["peft"]["32 adapters"], 2),
     }
-    results["targets"] = {k: {"target": v, "met": results["ratios"][k] >= v} for k, v in TARGETS.items()}
+    # the ratios again, within each interleaved round, and their median: one quiet or busy spell
+    # cannot move a median of rounds as it moves a ratio of two best times
+    rounds = [runs[k * len(plan) : (k + 1) * len(plan)] for k in range(repeats)]
+    per_round = [{(r["system"], r["batch"]): r["tokens_per_s"] for r in rnd} for rnd in rounds]
+    results["round_ratios"] = {
+        "distinct_32_vs_base": [
+            round(d["engine", "32 adapters"] / d["engine", "base"], 3) for d in per_round
+        ],
+        "distinct_32_vs_peft": [
+            round(d["engine", "32 adapters"] / d["peft", "32 adapters"], 2) for d in per_round
+        ],
+    }
+    results["median_ratios"] = {k: round(statistics.median(v), 3) for k, v in results["round_ratios"].items()}
+    results["targets"] = {
+        k: {"target": v, "met": results["median_ratios"][k] >= v} for k, v in TARGETS.items()
+    }
     return results
 
 
@@ -278,8 +294,15 @@ def markdown(results: dict) -> str:
         f"The machine is shared: other threads runnable when a run started (0 = idle), per run: "
         f"{', '.join(str(x['other_threads_running_at_start']) for x in results['runs'])}.",
         "",
-        "Targets: " + ", ".join(
-            f"{k} >= {v['target']} ({r[k]}, {'met' if v['met'] else 'MISSED'})" for k, v in results["targets"].items()
+        "Per interleaved round, 32 distinct adapters / engine base: "
+        f"{', '.join(str(x) for x in results['round_ratios']['distinct_32_vs_base'])} (median "
+        f"{results['median_ratios']['distinct_32_vs_base']}); / peft: "
+        f"{', '.join(str(x) for x in results['round_ratios']['distinct_32_vs_peft'])} (median "
+        f"{results['median_ratios']['distinct_32_vs_peft']}).",
+        "",
+        "Targets (median of the rounds): " + ", ".join(
+            f"{k} >= {v['target']} ({results['median_ratios'][k]}, {'met' if v['met'] else 'MISSED'})"
+            for k, v in results["targets"].items()
         ),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
