@@ -129,7 +129,7 @@ def main() -> None:
         "bf16 bmm (eager)": (
             2,
             lambda ly: (
-                ly["y"]
+                ly["y"].zero_()
                 + torch.bmm(torch.bmm(ly["x"][:, None].bfloat16(), ly["a16"]), ly["b16"])[:, 0].float()
             ),
         ),
