@@ -31,9 +31,6 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument(
-        "--flash", action="store_true", help="SDPA's CPU flash kernel instead of the math path"
-    )
     parser.add_argument("--tag", default="profile_step")
     args = parser.parse_args()
 
