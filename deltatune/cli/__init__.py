@@ -141,9 +141,9 @@ from deltatune.cli import train, infer, select, deltas, inspect, route, serve  #
 def omp_defaults(environ: dict[str, str] | None = None) -> None:
     """OMP_WAIT_POLICY=PASSIVE unless the user set it (or DELTATUNE_OMP_DEFAULTS=0).
 
-    Measured (benchmarks/omp_policy.py, README "Threads"): beside one other busy process, training
-    under libgomp's default spinning fell to 26 tokens/s and PASSIVE kept 123 (4.7x), the other job
-    faster too; alone, PASSIVE gave 142 vs 190 (0.75x). A shared CPU is the common case here, so
+    Measured alone (benchmarks/omp_policy.py, README "Threads"): beside one other busy process,
+    training under libgomp's default spinning fell to 29 tokens/s and PASSIVE kept 137 (4.7x), the
+    other job 1.4x faster too; with nothing else running, PASSIVE gave 170 vs 209 (0.81x). A shared CPU is the common case here, so
     PASSIVE is the default; set OMP_WAIT_POLICY yourself on a dedicated machine. It must be set
     before torch starts its OpenMP runtime, so the CLI sets it first thing, before any import of torch.
     """
